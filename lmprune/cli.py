@@ -77,7 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--trust-remote-code", action="store_true",
                       help="Run model code from the Hub repository.")
     info.set_defaults(func=cmd_info)
+    # Each stage registers its own subcommand (lmprune.config.register_stage), in flow order.
+    for register in _stage_registrars():
+        register(sub)
     return parser
+
+
+def _stage_registrars():
+    return []
 
 
 def main(argv: list[str] | None = None) -> int:

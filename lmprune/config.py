@@ -125,3 +125,16 @@ class ModelConfig:
     device: str = option("cpu", "Device: cpu, cuda, cuda:N or auto.")
     revision: str | None = option(None, "Hub revision (branch, tag or commit).")
     trust_remote_code: bool = option(False, "Run model code from the Hub repository.")
+
+
+def register_stage(subparsers, name: str, cls, run, help: str):
+    """A subcommand whose flags are the fields of `cls`, plus `--config recipe.yaml`.
+
+    `run(config)` returns the exit code; flags given on the command line beat the YAML values.
+    """
+    parser = subparsers.add_parser(name, help=help, description=help)
+    parser.add_argument("--config", default=None, metavar="YAML",
+                        help="Read the settings from a YAML file (flags override it).")
+    add_config_args(parser, cls)
+    parser.set_defaults(func=lambda args: run(config_from_args(cls, args, args.config)))
+    return parser

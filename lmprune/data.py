@@ -1,0 +1,199 @@
+"""Corpora: local txt/jsonl/tsv/csv, Hugging Face datasets, and named shortcuts.
+
+A corpus spec is `SOURCE[?key=value&...]`:
+
+    paradetox:toxic                         named shortcut (see NAMED)
+    data/train.txt                          a document per line
+    data/train.txt?split=blank              documents separated by blank lines
+    prompts.jsonl?field=prompt.text         a (dotted) field of each JSON line
+    pairs.tsv?column=toxic                  a column of a tsv/csv file with a header row
+    hf:allenai/real-toxicity-prompts?split=train&column=prompt.text&where=challenging
+    hf:Salesforce/wikitext:wikitext-2-v1?split=test&column=text
+
+Named shortcuts read `$LMPRUNE_DATA_DIR` when it is set and the Hub otherwise.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+from lmprune.errors import LmpruneError
+
+# name -> (local file spec under LMPRUNE_DATA_DIR, Hub spec)
+NAMED: dict[str, tuple[str, str]] = {
+    "paradetox:toxic": ("paradetox.tsv?column=toxic",
+                        "hf:s-nlp/paradetox?split=train&column=en_toxic_comment"),
+    "paradetox:neutral": ("paradetox.tsv?column=neutral1",
+                          "hf:s-nlp/paradetox?split=train&column=en_neutral_comment"),
+    "rtp:challenging": (
+        "rtp_challenging_dev.jsonl?field=prompt.text",
+        "hf:allenai/real-toxicity-prompts?split=train&column=prompt.text&where=challenging",
+    ),
+    "rtp:nontoxic": (
+        "rtp_nontoxic.jsonl?field=prompt.text",
+        "hf:allenai/real-toxicity-prompts?split=train&column=prompt.text&where=!challenging",
+    ),
+    "wikitext2:valid": ("wikitext2_valid.txt",
+                        "hf:Salesforce/wikitext:wikitext-2-v1?split=validation&column=text"),
+    "wikitext2:test": ("wikitext2_test.txt",
+                       "hf:Salesforce/wikitext:wikitext-2-v1?split=test&column=text"),
+}
+_OPTIONS = {"split", "field", "column", "where", "keep_empty"}
+
+
+@dataclass
+class Corpus:
+    """Documents read from one spec, in file order."""
+
+    spec: str
+    """What the user asked for."""
+    resolved: str
+    """The file or dataset it was read from."""
+    texts: list[str]
+
+    @property
+    def sha256(self) -> str:
+        """Content hash of the documents (independent of the file format)."""
+        digest = hashlib.sha256()
+        for text in self.texts:
+            digest.update(text.encode())
+            digest.update(b"\0")
+        return digest.hexdigest()
+
+    def describe(self) -> dict:
+        return {"spec": self.spec, "resolved": self.resolved, "documents": len(self.texts),
+                "sha256": self.sha256}
+
+
+def data_dir() -> Path | None:
+    value = os.environ.get("LMPRUNE_DATA_DIR")
+    return Path(value) if value else None
+
+
+def resolve_spec(spec: str) -> str:
+    """Turn a named shortcut into a file or Hub spec; other specs pass through."""
+    name, _, query = spec.partition("?")
+    if name not in NAMED:
+        return spec
+    local, hub = NAMED[name]
+    folder = data_dir()
+    base = str(folder / local) if folder is not None else hub
+    return f"{base}&{query}" if query else base
+
+
+def _parse(spec: str) -> tuple[str, dict[str, str]]:
+    source, _, query = spec.partition("?")
+    options = dict(parse_qsl(query, keep_blank_values=True))
+    unknown = set(options) - _OPTIONS
+    if unknown:
+        raise LmpruneError(f"corpus '{spec}': unknown option(s) {', '.join(sorted(unknown))}; "
+                           f"known: {', '.join(sorted(_OPTIONS))}")
+    return source, options
+
+
+def dotted_get(record, path: str):
+    for key in path.split("."):
+        if not isinstance(record, dict) or key not in record:
+            return None
+        record = record[key]
+    return record
+
+
+def load_corpus(spec: str, limit: int | None = None) -> Corpus:
+    """Read the documents of `spec` (the first `limit` of them, if given)."""
+    resolved = resolve_spec(spec)
+    source, options = _parse(resolved)
+    if source.startswith("hf:"):
+        texts = _read_hub(source[3:], options, spec)
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            hint = (" (set LMPRUNE_DATA_DIR to the folder of the shared data sets)"
+                    if spec.split("?")[0] in NAMED else "")
+            raise LmpruneError(f"corpus file not found: {path}{hint}")
+        try:
+            texts = _read_file(path, options, spec)
+        except UnicodeDecodeError as err:
+            raise LmpruneError(f"corpus {path} is not UTF-8 text ({err.reason})") from err
+    if options.get("keep_empty") != "1":
+        texts = [t for t in texts if t.strip()]
+    if limit is not None:
+        texts = texts[:limit]
+    if not texts:
+        raise LmpruneError(f"corpus '{spec}' ({resolved}) has no documents")
+    return Corpus(spec, resolved, texts)
+
+
+def _read_file(path: Path, options: dict, spec: str) -> list[str]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path, options.get("field", "text"), spec)
+    if suffix in {".tsv", ".csv"}:
+        return _read_table(path, options.get("column", "text"), "\t" if suffix == ".tsv" else ",",
+                           spec)
+    text = path.read_text(encoding="utf-8")
+    if options.get("split") == "blank":
+        return [doc.strip() for doc in text.split("\n\n")]
+    return [line.strip() for line in text.splitlines()]
+
+
+def _read_jsonl(path: Path, field: str, spec: str) -> list[str]:
+    texts = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise LmpruneError(f"{path}:{lineno} is not valid JSON ({err.msg})") from err
+            value = dotted_get(record, field)
+            if not isinstance(value, str):
+                keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+                raise LmpruneError(f"corpus '{spec}': line {lineno} of {path} has no text field "
+                                   f"'{field}' (its keys: {keys}); choose one with ?field=NAME")
+            texts.append(value)
+    return texts
+
+
+def _read_table(path: Path, column: str, delimiter: str, spec: str) -> list[str]:
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        if reader.fieldnames is None or column not in reader.fieldnames:
+            raise LmpruneError(f"corpus '{spec}': {path} has no column '{column}' (columns: "
+                               f"{', '.join(reader.fieldnames or [])}); choose one with ?column=")
+        return [row[column] or "" for row in reader]
+
+
+def _read_hub(dataset: str, options: dict, spec: str) -> list[str]:
+    """A Hugging Face dataset: `ID[:CONFIG]`, split, column (dotted), optional boolean filter."""
+    import datasets
+
+    name, _, config = dataset.partition(":")
+    split = options.get("split", "train")
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split)
+    except Exception as err:  # network, auth, missing config: all reported the same way
+        raise LmpruneError(f"cannot load dataset '{dataset}' split '{split}' ({err}); offline, "
+                           f"set LMPRUNE_DATA_DIR or use a local file") from err
+    column = options.get("column", "text")
+    top = column.split(".")[0]
+    if top not in ds.column_names:
+        raise LmpruneError(f"corpus '{spec}': dataset has no column '{top}' (columns: "
+                           f"{', '.join(ds.column_names)})")
+    where = options.get("where")
+    texts = []
+    for record in ds:
+        if where:
+            want = not where.startswith("!")
+            if bool(record.get(where.lstrip("!"))) != want:
+                continue
+        value = dotted_get(record, column)
+        texts.append(value if isinstance(value, str) else "")
+    return texts
