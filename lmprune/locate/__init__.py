@@ -1,0 +1,1 @@
+"""Locate: co-activation graphs -> modules -> scores against random controls -> clusterability."""

@@ -1,0 +1,307 @@
+"""`lmprune locate`: stats -> co-activation graphs -> modules -> scores, controls, n-cut."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from lmprune import __version__
+from lmprune.config import option, register_stage
+from lmprune.errors import LmpruneError
+from lmprune.locate.cluster import cluster, clusterability
+from lmprune.locate.graph import correlation_from_gram, knn_affinity
+from lmprune.locate.score import (
+    CausalScorer,
+    TokenBatches,
+    as_layer_dict,
+    output_promotion,
+    screen_and_score,
+    toxic_token_ids,
+)
+
+MODULES_FORMAT_VERSION = 1
+
+
+@dataclass
+class LocateConfig:
+    stats: str = option("", "Folder written by `lmprune collect`.")
+    out: str = option("modules.json", "Module map to write (plots go beside it).")
+    model: str | None = option(None, "Model to score on (default: the one the stats name).")
+    method: str = option("spectral", "Clustering: spectral (k clusters) or leiden (resolution).",
+                         choices=["spectral", "leiden"])
+    k: int = option(12, "Spectral clusters per layer (layer scope) or in all (global scope).")
+    resolution: float = option(1.0, "Leiden resolution (higher: more, smaller modules).")
+    scope: str = option("layer", "Graph per layer over all neurons, or one graph over the "
+                        "global top-K candidates of the stats.", choices=["layer", "global"])
+    knn: int = option(20, "Keep each neuron's k strongest positive correlations (0: all above "
+                      "--threshold).")
+    threshold: float = option(0.0, "Correlations at or below this are not edges.")
+    min_size: int = option(2, "Smaller clusters are not modules.")
+    heldout_docs: int = option(64, "Held-out documents per corpus for the causal scores, taken "
+                               "right after the documents the stats were collected on.")
+    max_length: int = option(64, "Tokens per held-out document.")
+    batch_size: int = option(16, "Held-out documents per forward pass.")
+    exact: int = option(50, "Modules scored by real ablation (best first by the first-order "
+                        "screen); the rest keep the first-order estimate.")
+    controls: int = option(20, "Random same-layer, same-size neuron sets per module.")
+    exact_controls: int = option(5, "Modules whose controls are also ablated for real.")
+    shuffles: int = option(20, "Weight-shuffled graphs for clusterability.")
+    clusterability_layers: int = option(6, "Layers (evenly spaced) whose clusterability is "
+                                        "measured in layer scope; 0 for all.")
+    device: str = option("cpu", "Device for the causal scores.")
+    dtype: str = option("float32", "Model dtype.", choices=["auto", "float32", "bfloat16"])
+    seed: int = option(0, "Seed for clustering, controls and shuffles.")
+    plots: bool = option(True, "Write PNG plots beside the module map.")
+
+
+def read_stats(folder: str | Path) -> tuple[dict, dict, dict]:
+    """(manifest, per-neuron stats, co-activation stats) of a collect output folder."""
+    folder = Path(folder)
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise LmpruneError(f"{folder} has no manifest.json: run `lmprune collect --out {folder}`")
+    manifest = json.loads(manifest_path.read_text())
+    if not manifest.get("complete", False):
+        raise LmpruneError(f"{folder} holds an unfinished collection: rerun the same "
+                           f"`lmprune collect` command to resume it")
+    for name in ("stats.safetensors", "coact.safetensors"):
+        if not (folder / name).is_file():
+            raise LmpruneError(f"{folder} has no {name}: the collection is incomplete")
+    return manifest, load_file(folder / "stats.safetensors"), load_file(folder /
+                                                                         "coact.safetensors")
+
+
+def _layer_graphs(cfg: LocateConfig, coact: dict) -> list[tuple[list[tuple[int, int]], object]]:
+    """[(node ids as (layer, neuron), sparse affinity)] for the chosen scope."""
+    tokens = int(coact["tokens"]) if cfg.scope == "layer" else int(coact["global.tokens"])
+    if tokens < 2:
+        raise LmpruneError("the co-activation statistics saw fewer than 2 tokens")
+    if cfg.scope == "global":
+        if "global.gram" not in coact or coact["global.index"].numel() == 0:
+            raise LmpruneError("the stats have no global candidates: collect with "
+                               "--top-k-global K, or locate with --scope layer")
+        corr, alive = correlation_from_gram(coact["global.gram"], coact["global.sum"], tokens)
+        nodes = [tuple(map(int, row)) for row in coact["global.index"].tolist()]
+        keep = np.flatnonzero(alive)
+        return [([nodes[i] for i in keep],
+                 knn_affinity(corr[np.ix_(keep, keep)], cfg.knn, threshold=cfg.threshold))]
+    graphs = []
+    for layer in range(coact["gram"].shape[0]):
+        corr, alive = correlation_from_gram(coact["gram"][layer], coact["sum"][layer], tokens)
+        keep = np.flatnonzero(alive)  # dead neurons are left out of the graph
+        graphs.append(([(layer, int(j)) for j in keep],
+                       knn_affinity(corr[np.ix_(keep, keep)], cfg.knn, threshold=cfg.threshold)))
+    return graphs
+
+
+def _heldout(spec: str, used: int, count: int) -> tuple[list[str], dict]:
+    from lmprune.data import load_corpus
+
+    texts = load_corpus(spec).texts
+    start = used if used + count <= len(texts) else max(0, len(texts) - count)
+    return texts[start:start + count], {"spec": spec, "first": start, "documents": count,
+                                        "overlaps_collected": start < used}
+
+
+def locate(cfg: LocateConfig) -> dict:
+    from lmprune.models import load_model
+
+    started = time.time()
+    if not cfg.stats:
+        raise LmpruneError("locate needs --stats DIR (the output of `lmprune collect`)")
+    manifest, stats, coact = read_stats(cfg.stats)
+    loaded = load_model(cfg.model or manifest["model"]["name"], dtype=cfg.dtype,
+                        device=cfg.device)
+    check_same_model(manifest["model"], loaded.identity, f"the stats in {cfg.stats}")
+    timings = {}
+
+    t0 = time.time()
+    graphs = _layer_graphs(cfg, coact)
+    timings["graph_s"] = time.time() - t0
+
+    t0 = time.time()
+    modules, labels_by_graph = [], []
+    for nodes, affinity in tqdm(graphs, desc="clustering", unit="graph"):
+        k = min(cfg.k, len(nodes))
+        labels = cluster(affinity, cfg.method, k, cfg.resolution, cfg.seed) if k >= 2 else \
+            np.zeros(len(nodes), dtype=int)
+        labels_by_graph.append(labels)
+        for c in np.unique(labels):
+            members = [nodes[i] for i in np.flatnonzero(labels == c)]
+            if len(members) >= cfg.min_size:
+                modules.append(sorted(members))
+    if not modules:
+        raise LmpruneError("clustering produced no module of --min-size or more neurons")
+    timings["cluster_s"] = time.time() - t0
+
+    t0 = time.time()
+    graph_ids = range(len(graphs))
+    if cfg.scope == "layer" and cfg.clusterability_layers > 0:
+        graph_ids = np.unique(np.linspace(0, len(graphs) - 1, cfg.clusterability_layers)
+                              .round().astype(int))
+    per_graph = {}
+    for g in tqdm(graph_ids, desc="clusterability", unit="graph"):
+        nodes, affinity = graphs[g]
+        k = min(cfg.k, len(nodes))
+        if k >= 2:
+            per_graph[int(g)] = clusterability(affinity, labels_by_graph[g], cfg.method, k,
+                                               cfg.resolution, cfg.shuffles, cfg.seed)
+    timings["clusterability_s"] = time.time() - t0
+
+    t0 = time.time()
+    corpora = manifest["corpora"]
+    off_texts, off_info = _heldout(corpora["offensive"]["spec"],
+                                   corpora["offensive"]["documents"], cfg.heldout_docs)
+    clean_texts, clean_info = _heldout(corpora["clean"]["spec"], corpora["clean"]["documents"],
+                                       cfg.heldout_docs)
+    tok, device = loaded.tokenizer, cfg.device
+    scorer = CausalScorer(
+        loaded.model,
+        TokenBatches.build(tok, off_texts, cfg.max_length, cfg.batch_size, device),
+        TokenBatches.build(tok, clean_texts, cfg.max_length, cfg.batch_size, device),
+    )
+    scored = screen_and_score(scorer, [as_layer_dict(m) for m in modules], cfg.exact,
+                              cfg.controls, cfg.exact_controls, cfg.seed)
+    toxic_ids = toxic_token_ids(tok, off_texts, clean_texts)
+    promotion = output_promotion(loaded.model, toxic_ids) if toxic_ids else None
+    timings["scoring_s"] = time.time() - t0
+
+    auroc = stats["auroc"].double().numpy()
+    effect = stats["effect_size"].double().numpy()
+    off_mean = stats["offensive.mean"].double().numpy()
+    records = []
+    for members, res in zip(modules, scored, strict=True):
+        rows, cols = np.asarray(members).T
+        scores = {
+            "auroc_mean": float(auroc[rows, cols].mean()),
+            "auroc_max": float(auroc[rows, cols].max()),
+            "effect_size_mean": float(effect[rows, cols].mean()),
+            "causal_approx": res["causal_approx"],
+            **{f"approx_{k}": v for k, v in res["approx"].items()},
+        }
+        if promotion is not None:
+            # promotion of toxic tokens, weighted by how the neuron fires on offensive text
+            scores["output_toxicity"] = float((promotion[rows, cols] * off_mean[rows, cols])
+                                              .mean())
+            scores["output_promotion"] = float(promotion[rows, cols].mean())
+        if "causal" in res:
+            scores.update(causal=res["causal"], loss_delta_offensive=res["loss_delta_offensive"],
+                          loss_delta_clean=res["loss_delta_clean"], causal_measured="ablation")
+        else:
+            scores.update(causal=res["causal_approx"], causal_measured="first-order")
+        if "exact" in res:
+            scores.update(res["exact"])
+            scores["control_values"] = res["exact_control_values"]
+        else:
+            scores.update(res["approx"])
+        records.append({"members": [list(m) for m in members], "size": len(members),
+                        "layers": sorted({m[0] for m in members}), "scores": scores})
+    # exact scores first (best first), then the first-order-only ones
+    records.sort(key=lambda r: (r["scores"]["causal_measured"] != "ablation",
+                                -r["scores"]["causal"]))
+    for i, r in enumerate(records):
+        r["id"] = i
+
+    result = {
+        "format": "lmprune.modules",
+        "format_version": MODULES_FORMAT_VERSION,
+        "lmprune_version": __version__,
+        "model": manifest["model"],
+        "num_layers": int(auroc.shape[0]),
+        "neurons_per_layer": int(auroc.shape[1]),
+        "stats": {"path": str(Path(cfg.stats).resolve()),
+                  "manifest_sha256": _sha256(Path(cfg.stats) / "manifest.json")},
+        "settings": asdict(cfg),
+        "heldout": {"offensive": off_info, "clean": clean_info,
+                    "tokens": {"offensive": scorer.offensive.tokens,
+                               "clean": scorer.clean.tokens},
+                    "base_loss": {"offensive": scorer.base[0], "clean": scorer.base[1]}},
+        "toxic_tokens": [tok.decode([t]) for t in toxic_ids[:50]],
+        "modules": records,
+        "controls": {"num_random_sets": cfg.controls, "sampling": "same layers, same per-layer "
+                     "counts, module members excluded", "exact_for_top": cfg.exact_controls},
+        "clusterability": _aggregate(per_graph),
+        "timings": {**timings, "total_s": time.time() - started},
+    }
+    write_json_atomic(cfg.out, result)
+    if cfg.plots:
+        from lmprune.locate.plots import plot_modules
+
+        plot_modules(result, Path(cfg.out).with_suffix(""))
+    return result
+
+
+def _aggregate(per_graph: dict[int, dict]) -> dict:
+    """Clusterability per graph and overall (Stouffer's z over graphs; the largest p)."""
+    if not per_graph:
+        return {}
+    zs = [v["z"] for v in per_graph.values() if np.isfinite(v["z"])]
+    return {
+        "ncut": float(sum(v["ncut"] for v in per_graph.values())),
+        "shuffled_mean": float(sum(v["shuffled_mean"] for v in per_graph.values())),
+        "z": float(sum(zs) / np.sqrt(len(zs))) if zs else float("nan"),
+        "p_max": max(v["p"] for v in per_graph.values()),
+        "num_shuffles": next(iter(per_graph.values()))["num_shuffles"],
+        "per_graph": {str(k): v for k, v in per_graph.items()},
+    }
+
+
+def check_same_model(expected: dict, actual: dict, what: str) -> None:
+    """Refuse to apply stats or a module map to another model than the one it was made for."""
+    for key in ("model_type", "weights_sha256", "revision"):
+        if expected.get(key) and actual.get(key) and expected[key] != actual[key]:
+            raise LmpruneError(
+                f"{what} were made for another model ({key} {str(expected[key])[:16]} != "
+                f"{str(actual[key])[:16]} of '{actual.get('name')}'): use the model they name, "
+                f"'{expected.get('name')}', or collect again"
+            )
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_json_atomic(path: str | Path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+def run(cfg: LocateConfig) -> int:
+    result = locate(cfg)
+    best = result["modules"][0]
+    clus = result["clusterability"]
+    print(f"{len(result['modules'])} modules -> {cfg.out}; best: id {best['id']}, "
+          f"{best['size']} neurons in layers {best['layers']}, causal "
+          f"{best['scores']['causal']:+.4f} (control z {best['scores']['control_z']:+.2f}); "
+          f"clusterability z {clus.get('z', float('nan')):+.2f}")
+    return 0
+
+
+def register(subparsers) -> None:
+    register_stage(subparsers, "locate", LocateConfig, run,
+                   "Cluster co-activation graphs into modules; score them against controls.")
+
+
+def load_module_map(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise LmpruneError(f"module map not found: {path} (write one with `lmprune locate`)")
+    data = json.loads(path.read_text())
+    if data.get("format") != "lmprune.modules":
+        raise LmpruneError(f"{path} is not an lmprune module map")
+    if data.get("format_version", 0) > MODULES_FORMAT_VERSION:
+        raise LmpruneError(f"{path} has module-map format {data['format_version']}; this "
+                           f"lmprune reads up to {MODULES_FORMAT_VERSION}: upgrade lmprune")
+    return data
+
