@@ -45,6 +45,8 @@ _TOXICITY_METRICS = [
 ]
 _RTP_HUB_ID = "allenai/real-toxicity-prompts"
 _WIKITEXT_HUB_ID = "Salesforce/wikitext"
+_WIKITEXT_TEST = {"dataset_type": _WIKITEXT_HUB_ID, "dataset_name": "WikiText-2 test",
+                  "dataset_config": "wikitext-2-v1", "dataset_split": "test"}
 
 CONTENT_WARNING = (
     "> **Content warning.** This model was made and evaluated with corpora that contain offensive "
@@ -133,10 +135,10 @@ def _dataset_ids(lineage: dict, evaluated: list[dict]) -> list[str]:
         elif name.startswith("hf:"):
             ids.append(name[3:].split(":")[0])
     for ev in evaluated:
-        if _number(ev.get("toxicity", {}).get("expected_max_toxicity")) is not None:
+        if _number(_toxicity(ev).get("expected_max_toxicity")) is not None:
             ids.append(_RTP_HUB_ID)
         if _perplexities(ev):
-            ids.append(_WIKITEXT_HUB_ID)
+            ids.append(_perplexity_dataset(ev)["dataset_type"])
     return list(dict.fromkeys(ids))
 
 
@@ -146,21 +148,51 @@ def _number(value) -> float | None:
     return float(value)
 
 
-def _perplexities(ev: dict | None) -> dict[str, float]:
-    """Perplexity per method ({"sliding_window": 26.4, ...}) from an eval dict."""
+def _toxicity(ev: dict | None) -> dict:
+    section = (ev or {}).get("toxicity")
+    return section if isinstance(section, dict) else {}
+
+
+def _perplexities(ev: dict | None) -> dict[tuple[str, str], float]:
+    """(method, level) -> perplexity from an eval dict: level "token" (`token_perplexity`, or
+    plain `perplexity`) and "word" (`word_perplexity`), per method such as `sliding_window`."""
     section = (ev or {}).get("perplexity")
     if not isinstance(section, dict):
         return {}
     found = {}
     for method, entry in section.items():
-        value = _number(entry.get("perplexity")) if isinstance(entry, dict) else None
-        if value is not None:
-            found[method] = value
+        if not isinstance(entry, dict):
+            continue
+        for level, keys in (("token", ("token_perplexity", "perplexity")),
+                            ("word", ("word_perplexity",))):
+            value = next((_number(entry[k]) for k in keys if _number(entry.get(k)) is not None),
+                         None)
+            if value is not None:
+                found[method, level] = value
     return found
 
 
+def _perplexity_dataset(ev: dict | None) -> dict:
+    """EvalResult dataset fields of the perplexity corpus: WikiText-2 test unless the eval dict
+    records another corpus (`perplexity.corpus`, a spec or `Corpus.describe()`)."""
+    corpus = ((ev or {}).get("perplexity") or {}).get("corpus")
+    spec = str(corpus.get("spec", "") if isinstance(corpus, dict) else corpus or "")
+    if not spec or spec.split("?")[0] == "wikitext2:test":
+        return _WIKITEXT_TEST
+    name = spec.split("?")[0]
+    hub_id = _named_corpus_hub_ids().get(name) or (name[3:].split(":")[0]
+                                                   if name.startswith("hf:") else "local")
+    return {"dataset_type": hub_id, "dataset_name": spec}
+
+
+def _prompt_spec(tox: dict) -> str:
+    """The prompts' corpus spec: a string, or `Corpus.describe()`'s dict."""
+    prompts = tox.get("prompts") or tox.get("corpus") or ""
+    return str(prompts.get("spec", "")) if isinstance(prompts, dict) else str(prompts)
+
+
 def _prompt_set_name(tox: dict) -> str:
-    spec = str(tox.get("prompts") or tox.get("corpus") or "")
+    spec = _prompt_spec(tox)
     if "nontoxic" in spec:
         return "RealToxicityPrompts (non-toxic prompts)"
     if "challenging" in spec or not spec:
@@ -173,7 +205,7 @@ def eval_results_for(ev: dict | None) -> list[EvalResult]:
     if not ev:
         return []
     results = []
-    tox = ev.get("toxicity") if isinstance(ev.get("toxicity"), dict) else {}
+    tox = _toxicity(ev)
     dataset_args = {k: tox[k] for k in ("num_prompts", "samples_per_prompt") if k in tox}
     for key, label in _TOXICITY_METRICS:
         value = _number(tox.get(key))
@@ -186,23 +218,37 @@ def eval_results_for(ev: dict | None) -> list[EvalResult]:
             metric_type=key, metric_name=label, metric_value=value,
             metric_config=str(tox["scorer"]) if tox.get("scorer") else None,
         ))
-    for method, value in _perplexities(ev).items():
+    for (method, level), value in _perplexities(ev).items():
         results.append(EvalResult(
             task_type="text-generation", task_name="Language modelling",
-            dataset_type=_WIKITEXT_HUB_ID, dataset_name="WikiText-2",
-            dataset_config="wikitext-2-v1", dataset_split="test",
-            metric_type="perplexity", metric_name=f"Perplexity ({method.replace('_', ' ')})",
-            metric_value=value, metric_config=method,
+            **_perplexity_dataset(ev),
+            metric_type="perplexity" if level == "token" else "word_perplexity",
+            metric_name=f"{_ppl_label(method, level)}", metric_value=value, metric_config=method,
         ))
     return results
 
 
-def _fmt(value: float | None, ci=None) -> str:
+def _interval(tox: dict, key: str) -> tuple[float, float] | None:
+    """The interval recorded for a metric: `{key}_ci` or `{key}_interval`, as [lo, hi] or as
+    {"low"/"lo", "high"/"hi"}."""
+    raw = tox.get(f"{key}_ci") or tox.get(f"{key}_interval")
+    if isinstance(raw, dict):
+        raw = [raw.get("low", raw.get("lo")), raw.get("high", raw.get("hi"))]
+    if isinstance(raw, (list, tuple)) and len(raw) == 2 and None not in map(_number, raw):
+        return float(raw[0]), float(raw[1])
+    return None
+
+
+def _ppl_label(method: str, level: str) -> str:
+    return f"{'Perplexity' if level == 'token' else 'Word perplexity'} ({method.replace('_', ' ')})"
+
+
+def _fmt(value: float | None, interval: tuple[float, float] | None = None) -> str:
     if value is None:
         return "—"
     text = f"{value:.4g}" if abs(value) >= 10 else f"{value:.3f}"
-    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_number(c) is not None for c in ci):
-        text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+    if interval:
+        text += f" [{interval[0]:.3f}, {interval[1]:.3f}]"
     return text
 
 
@@ -214,13 +260,35 @@ def _delta(before: float | None, after: float | None) -> str:
 
 def _prompts_text(tox: dict) -> str:
     count = f"{tox['num_prompts']} " if "num_prompts" in tox else ""
-    spec = tox.get("prompts") or tox.get("corpus")
+    spec = _prompt_spec(tox)
     return f"{count}{_prompt_set_name(tox)}" + (f" (`{spec}`)" if spec else "")
 
 
+def _protocol(tox: dict) -> tuple:
+    """What must match for two toxicity results to be comparable."""
+    return (tox.get("scorer"), tox.get("num_prompts"), tox.get("samples_per_prompt"),
+            _prompt_spec(tox), tox.get("prompts_sha256"), _settings_text(tox))
+
+
 def _settings_text(tox: dict) -> str:
-    return ", ".join(f"{k.replace('_', ' ')} {tox[k]}"
-                     for k in ("top_p", "max_new_tokens", "temperature", "seed") if k in tox)
+    """Decoding settings, flat in the toxicity dict or under `decoding`."""
+    settings = {**tox, **(tox.get("decoding") if isinstance(tox.get("decoding"), dict) else {})}
+    return ", ".join(f"{k.replace('_', ' ')} {settings[k]}"
+                     for k in ("top_p", "max_new_tokens", "temperature", "seed") if k in settings)
+
+
+def _protocol_rows(before: dict, after: dict) -> list[str]:
+    """Table rows naming the scorer, prompts, samples per prompt and decoding settings."""
+    def describe(tox: dict) -> list[str]:
+        if not tox:
+            return ["—"] * 4
+        return [f"`{tox['scorer']}`" if "scorer" in tox else "—", _prompts_text(tox),
+                str(tox.get("samples_per_prompt", "—")), _settings_text(tox) or "—"]
+
+    labels = ["toxicity scorer", "prompts", "samples per prompt", "sampling"]
+    return [f"| *{label}* | {b} | {a} | |"
+            for label, b, a in zip(labels, describe(before), describe(after), strict=True)
+            if b != "—" or a != "—"]
 
 
 def evaluation_section(after: dict | None, before: dict | None) -> str:
@@ -228,29 +296,21 @@ def evaluation_section(after: dict | None, before: dict | None) -> str:
         return ("## Evaluation\n\nNot evaluated yet: run `lmprune eval` on this folder and on the "
                 "base model, then write the card again with both results.\n")
     after, before = after or {}, before or {}
-    tox_a = after.get("toxicity") if isinstance(after.get("toxicity"), dict) else {}
-    tox_b = before.get("toxicity") if isinstance(before.get("toxicity"), dict) else {}
+    tox_a, tox_b = _toxicity(after), _toxicity(before)
     rows = ["| metric (lower is better) | base model | this model | change |", "|---|---|---|---|"]
     for key, label in _TOXICITY_METRICS:
         a, b = _number(tox_a.get(key)), _number(tox_b.get(key))
         if a is None and b is None:
             continue
-        rows.append(f"| {label} | {_fmt(b, tox_b.get(key + '_ci'))} | "
-                    f"{_fmt(a, tox_a.get(key + '_ci'))} | {_delta(b, a)} |")
+        rows.append(f"| {label} | {_fmt(b, _interval(tox_b, key))} | "
+                    f"{_fmt(a, _interval(tox_a, key))} | {_delta(b, a)} |")
     ppl_a, ppl_b = _perplexities(after), _perplexities(before)
-    for method in dict.fromkeys([*ppl_b, *ppl_a]):
-        a, b = ppl_a.get(method), ppl_b.get(method)
-        rows.append(f"| Perplexity, WikiText-2 test ({method.replace('_', ' ')}) | {_fmt(b)} | "
-                    f"{_fmt(a)} | {_delta(b, a)} |")
-    if tox_a or tox_b:  # the protocol, in the table, so a mismatch shows at a glance
-        for label, text in (("toxicity scorer", lambda t: f"`{t['scorer']}`" if "scorer" in t
-                             else "—"),
-                            ("prompts", lambda t: _prompts_text(t) if t else "—"),
-                            ("samples per prompt", lambda t: str(t.get("samples_per_prompt", "—"))),
-                            ("sampling", lambda t: _settings_text(t) or "—")):
-            before_text, after_text = text(tox_b), text(tox_a)
-            if before_text != "—" or after_text != "—":
-                rows.append(f"| *{label}* | {before_text} | {after_text} | |")
+    for key in dict.fromkeys([*ppl_b, *ppl_a]):
+        a, b = ppl_a.get(key), ppl_b.get(key)
+        rows.append(f"| {_ppl_label(*key)}, {_perplexity_dataset(after or before)['dataset_name']}"
+                    f" | {_fmt(b)} | {_fmt(a)} | {_delta(b, a)} |")
+    if tox_a or tox_b:  # the protocol in the table, so a mismatch shows at a glance
+        rows += _protocol_rows(tox_b, tox_a)
     lines = ["## Evaluation", "", *rows, ""]
     if tox_a or tox_b:
         lines.append("Toxicity follows the RealToxicityPrompts protocol: each prompt's "
@@ -259,14 +319,14 @@ def evaluation_section(after: dict | None, before: dict | None) -> str:
                      "with at least one continuation scoring >= 0.5. Brackets hold the intervals "
                      "the evaluation recorded. Numbers from another scorer, prompt set or sample "
                      "count are not comparable.")
-        compared = ("scorer", "num_prompts", "samples_per_prompt", "prompts")
-        if tox_a and tox_b and any(tox_a.get(k) != tox_b.get(k) for k in compared):
+        if tox_a and tox_b and _protocol(tox_a) != _protocol(tox_b):
             lines.append("\n**Not like for like**: the base model and this model were measured "
-                         "with different scorers, prompts or sample counts (see the table).")
+                         "with different scorers, prompts, sample counts or decoding settings "
+                         "(see the table).")
     if ppl_a or ppl_b:
-        lines.append("\nPerplexity on the WikiText-2 test split: sliding window (Hugging Face's "
-                     "perplexity guide) and non-overlapping windows (as lm-evaluation-harness) "
-                     "differ; compare a method only with itself.")
+        lines.append("\nPerplexity: sliding window (Hugging Face's perplexity guide) and "
+                     "non-overlapping windows (as lm-evaluation-harness) differ; compare a method "
+                     "only with itself.")
     return "\n".join(lines) + "\n"
 
 

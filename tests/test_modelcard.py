@@ -1,5 +1,7 @@
 """Model cards of checkpoint folders: metadata the Hub reads back, and the text a reader sees."""
 
+import json
+
 import pytest
 from checkpoints import tiny_checkpoint
 from huggingface_hub import ModelCard
@@ -7,19 +9,25 @@ from huggingface_hub import ModelCard
 from lmprune.errors import LmpruneError
 from lmprune.modelcard import write_model_card
 
+# As `lmprune eval --json` writes it: intervals as `{metric}_interval`, the prompts as
+# `Corpus.describe()`, decoding settings nested, token and word perplexity per method.
 AFTER = {
     "toxicity": {"expected_max_toxicity": 0.412, "toxicity_probability": 0.305,
-                 "mean_toxicity": 0.118, "expected_max_toxicity_ci": [0.38, 0.44],
+                 "mean_toxicity": 0.118, "expected_max_toxicity_interval": [0.38, 0.44],
                  "scorer": "profanity_check", "num_prompts": 598, "samples_per_prompt": 25,
-                 "prompts": "rtp:challenging", "top_p": 0.9, "max_new_tokens": 20},
-    "perplexity": {"sliding_window": {"perplexity": 28.83, "tokens": 40960},
-                   "non_overlapping": {"perplexity": 31.2}},
+                 "prompts": {"spec": "rtp:challenging", "documents": 598, "sha256": "ab"},
+                 "decoding": {"top_p": 0.9, "max_new_tokens": 20}},
+    "perplexity": {"sliding_window": {"token_perplexity": 28.83, "word_perplexity": 61.5,
+                                      "max_length": 512},
+                   "non_overlapping": {"token_perplexity": 31.2},
+                   "corpus": {"spec": "wikitext2:test"}, "tokens": 40960},
 }
+# The minimal shape: flat settings, a plain `perplexity` per method, a `_ci` interval.
 BEFORE = {
     "toxicity": {"expected_max_toxicity": 0.527, "toxicity_probability": 0.452,
-                 "mean_toxicity": 0.201, "scorer": "profanity_check", "num_prompts": 598,
-                 "samples_per_prompt": 25, "prompts": "rtp:challenging", "top_p": 0.9,
-                 "max_new_tokens": 20},
+                 "mean_toxicity": 0.201, "toxicity_probability_ci": [0.41, 0.49],
+                 "scorer": "profanity_check", "num_prompts": 598, "samples_per_prompt": 25,
+                 "prompts": "rtp:challenging", "top_p": 0.9, "max_new_tokens": 20},
     "perplexity": {"sliding_window": {"perplexity": 26.41}},
 }
 
@@ -51,6 +59,7 @@ def test_card_round_trips_with_metadata_numbers_table_and_warning(tmp_path):
         (rtp, "toxicity_probability", "profanity_check"): 0.305,
         (rtp, "mean_toxicity", "profanity_check"): 0.118,
         ("Salesforce/wikitext", "perplexity", "sliding_window"): 28.83,
+        ("Salesforce/wikitext", "word_perplexity", "sliding_window"): 61.5,
         ("Salesforce/wikitext", "perplexity", "non_overlapping"): 31.2,
     }
     rtp_result = data["model-index"][0]["results"][0]
@@ -63,8 +72,12 @@ def test_card_round_trips_with_metadata_numbers_table_and_warning(tmp_path):
     text = card.text
     assert "Content warning" in text
     assert "| Expected Maximum Toxicity | 0.527 | 0.412 [0.380, 0.440] | -0.115 |" in text
-    assert "| Toxicity Probability | 0.452 | 0.305 | -0.147 |" in text
-    assert "| Perplexity, WikiText-2 test (sliding window) | 26.41 | 28.83 | +2.42 |" in text
+    assert "| Toxicity Probability | 0.452 [0.410, 0.490] | 0.305 | -0.147 |" in text
+    assert "| Perplexity (sliding window), WikiText-2 test | 26.41 | 28.83 | +2.42 |" in text
+    assert "| Word perplexity (sliding window), WikiText-2 test | — | 61.5 | — |" in text
+    wikitext = data["model-index"][0]["results"][1]["dataset"]
+    assert (wikitext["config"], wikitext["split"]) == ("wikitext-2-v1", "test")
+    assert "| *sampling* | top p 0.9, max new tokens 20 | top p 0.9, max new tokens 20 | |" in text
     assert "| *toxicity scorer* | `profanity_check` | `profanity_check` | |" in text
     assert "| *samples per prompt* | 25 | 25 | |" in text
     assert "598 RealToxicityPrompts (challenging prompts) (`rtp:challenging`)" in text
@@ -79,9 +92,12 @@ def test_card_round_trips_with_metadata_numbers_table_and_warning(tmp_path):
 
 def test_card_flags_results_that_are_not_like_for_like(tmp_path):
     folder = tiny_checkpoint(tmp_path / "ck")
-    before = {"toxicity": dict(BEFORE["toxicity"], scorer="detoxify", samples_per_prompt=10)}
+    before = {"toxicity": dict(BEFORE["toxicity"], scorer="detoxify", samples_per_prompt=10,
+                               toxicity_probability_ci=None,
+                               toxicity_probability_interval={"low": 0.40, "high": 0.50})}
     text = ModelCard.load(write_model_card(folder, AFTER, before)).text
     assert "Not like for like" in text
+    assert "| Toxicity Probability | 0.452 [0.400, 0.500] | 0.305 | -0.147 |" in text
     assert "| *toxicity scorer* | `detoxify` | `profanity_check` | |" in text
 
 
@@ -104,10 +120,30 @@ def test_card_without_evaluation_or_known_license(tmp_path):
 def test_card_of_a_local_base_model_names_no_hub_id(tmp_path):
     local = {"name": "/models/mine", "kind": "folder", "model_type": "llama"}
     folder = tiny_checkpoint(tmp_path / "ck", base_model=local)
-    data = ModelCard.load(write_model_card(folder, AFTER)).data.to_dict()
+    after = dict(AFTER, perplexity={"sliding_window": {"token_perplexity": 12.5},
+                                    "corpus": {"spec": "notes/own.txt"}})
+    card = ModelCard.load(write_model_card(folder, after))
+    data = card.data.to_dict()
     assert "base_model" not in data
-    assert _metrics(data)[("allenai/real-toxicity-prompts", "toxicity_probability",
-                           "profanity_check")] == 0.305
+    metrics = _metrics(data)
+    assert metrics[("allenai/real-toxicity-prompts", "toxicity_probability",
+                    "profanity_check")] == 0.305
+    assert metrics[("local", "perplexity", "sliding_window")] == 12.5  # not called WikiText-2
+    assert "| Perplexity (sliding window), notes/own.txt | — | 12.5 | — |" in card.text
+
+
+def test_card_lists_the_corpora_of_the_module_map_it_came_from(tmp_path):
+    """lmprune.json -> modules.json -> stats manifest: the collect corpora become `datasets`."""
+    stats = tmp_path / "stats"
+    stats.mkdir()
+    (stats / "manifest.json").write_text(json.dumps({"corpora": {
+        "offensive": {"spec": "hf:someone/slurs?split=train&column=text"},
+        "clean": {"spec": "rtp:nontoxic"}}}))
+    (tmp_path / "modules.json").write_text(json.dumps({"stats": {"path": str(stats)}}))
+    folder = tiny_checkpoint(tmp_path / "ck", history=[],
+                             modules={"path": str(tmp_path / "modules.json"), "ids": [1]})
+    data = ModelCard.load(write_model_card(folder)).data.to_dict()
+    assert data["datasets"] == ["someone/slurs", "allenai/real-toxicity-prompts"]
 
 
 def test_card_needs_a_checkpoint(tmp_path):
