@@ -84,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _stage_registrars():
+    from lmprune import hub
     from lmprune.locate import run as locate
 
-    return [locate.register]
+    return [locate.register, hub.register]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,41 @@
+"""A tiny checkpoint folder as `lmprune prune` writes it (docs/formats.md), for card/push tests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from tiny_models import save_tiny
+
+
+def lineage(base_model: dict | None = None, **extra) -> dict:
+    record = {
+        "format": "lmprune.checkpoint", "format_version": 1, "lmprune_version": "0.1.0",
+        "base_model": base_model or {"name": "smollm2-135m", "kind": "bundled",
+                                     "model_type": "llama", "weights_sha256": "ab" * 32},
+        "mode": "modules",
+        "pruned_neurons": {"0": [1, 5, 7], "1": [2]},
+        "modules": {"path": "runs/modules.json", "sha256": "cd" * 32, "ids": [0, 3]},
+        "command": "lmprune prune smollm2-135m --modules runs/modules.json --select top:2",
+        "history": [
+            {"stage": "prune", "select": "top:2", "offensive": "paradetox:toxic",
+             "clean": "paradetox:neutral"},
+            {"stage": "finetune", "steps": 200, "corpus": "wikitext2:valid", "lr": 1e-5},
+        ],
+    }
+    record.update(extra)
+    return record
+
+
+def tiny_checkpoint(folder: Path, model_type: str = "llama", **lineage_fields) -> Path:
+    save_tiny(model_type, folder)
+    (folder / "lmprune.json").write_text(json.dumps(lineage(**lineage_fields), indent=2))
+    return folder
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every path under `folder` (files and folders) -> sha256 of its bytes ("dir" for folders)."""
+    return {p.relative_to(folder).as_posix():
+            hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
