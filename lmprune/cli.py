@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _stage_registrars():
-    return []
+    from lmprune import finetune, prune
+
+    return [prune.register, finetune.register]
 
 
 def main(argv: list[str] | None = None) -> int:
