@@ -299,6 +299,36 @@ def _check_config(config: FinetuneConfig) -> None:
         raise LmpruneError("--max-steps must be at least 1")
 
 
+
+def train_step(accelerator, model: nn.Module, optimizer, scheduler,
+               micro_batches: list[torch.Tensor], mask: PruneMask | None,
+               max_grad_norm: float) -> float:
+    """One optimizer step over micro-batches [batch, seq_len]; returns the sum of their losses.
+
+    Masked gradients keep AdamW's moments of pruned weights at zero; re-zeroing after the step
+    undoes whatever weight decay or stale momentum would still write into them.
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    total = 0.0
+    for k, batch in enumerate(micro_batches):
+        last = k == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+        with sync, accelerator.autocast():
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            accelerator.backward(loss / len(micro_batches))
+        total += loss.item()
+    if mask is not None:
+        mask.mask_gradients(unwrapped)
+    if max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if mask is not None:
+        mask.apply(unwrapped)
+    return total
+
+
 def finetune(config: FinetuneConfig, evaluate: Evaluator | None = None) -> Path:
     """Train, checkpoint, evaluate every `eval_every` steps, save the final checkpoint.
 
@@ -360,25 +390,13 @@ def finetune(config: FinetuneConfig, evaluate: Evaluator | None = None) -> Path:
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc="finetune", disable=not main)
     while step < total_steps:
-        for micro in range(config.grad_accum):
-            start = ((step * config.grad_accum + micro) * nproc + rank) * config.batch_size
-            batch = blocks[order.take(start, config.batch_size)].to(accelerator.device)
-            last = micro == config.grad_accum - 1
-            sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
-            with sync, accelerator.autocast():
-                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-                accelerator.backward(loss / config.grad_accum)
-            loss_sum += loss.item()
-            loss_count += 1
-        # Masked gradients keep AdamW's moments of pruned weights at zero; re-zeroing after the
-        # step undoes what weight decay or stale momentum would still write into them.
-        mask.mask_gradients(unwrapped)
-        if config.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        mask.apply(unwrapped)
+        micro_batches = [
+            blocks[order.take(((step * config.grad_accum + micro) * nproc + rank)
+                              * config.batch_size, config.batch_size)].to(accelerator.device)
+            for micro in range(config.grad_accum)]
+        loss_sum += train_step(accelerator, model, optimizer, scheduler, micro_batches,
+                               mask, config.max_grad_norm)
+        loss_count += config.grad_accum
         step += 1
         bar.update(1)
 
