@@ -14,12 +14,21 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import save_tiny, tiny_tokenizer
+from tiny_models import random_batch, save_tiny, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from lmprune.data import load_corpus
 from lmprune.errors import LmpruneError
-from lmprune.finetune import BlockOrder, FinetuneConfig, build_evaluator, finetune, pack_blocks
+from lmprune.finetune import (
+    BlockOrder,
+    FinetuneConfig,
+    build_evaluator,
+    finetune,
+    make_optimizer,
+    make_scheduler,
+    pack_blocks,
+    train_step,
+)
 from lmprune.models import load_model, save_model
 from lmprune.prune import PruneMask, mean_token_nll
 
@@ -91,6 +100,24 @@ def test_pack_blocks_and_block_order():
     assert torch.equal(BlockOrder(5, seed=0).take(3, 4), torch.cat([first, second])[3:7])
     with pytest.raises(LmpruneError, match="fewer than one block"):
         pack_blocks(tok, ["ab"], 10)
+
+
+def test_train_step_masks_gradients_moments_and_weights():
+    """From weights that are not yet zero, so the pruned slices do get gradients (a fully
+    zeroed neuron is a stationary point: its gradients are exactly zero anyway)."""
+    from accelerate import Accelerator
+
+    model = tiny_model("llama").train()
+    mask = PruneMask(model, PRUNED)
+    optimizer = make_optimizer(model, 1e-2, 0.1)
+    scheduler = make_scheduler(optimizer, "constant", 0, 10)
+    batches = [random_batch(4, 16, seed=0), random_batch(4, 16, seed=1)]
+    train_step(Accelerator(cpu=True), model, optimizer, scheduler, batches, mask, 1.0)
+    assert mask.nonzero_count(model) == 0
+    for name, pruned in mask.as_tensors(model).items():
+        state = optimizer.state[model.get_parameter(name)]
+        assert not state["exp_avg"][pruned].any() and not state["exp_avg_sq"][pruned].any()
+        assert state["exp_avg"][~pruned].abs().sum() > 0
 
 
 def test_masks_hold_exactly_and_the_rest_trains(setup, tmp_path):
