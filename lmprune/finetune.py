@@ -1,0 +1,527 @@
+"""Fine-tune a (pruned) checkpoint with its masks held at zero, and re-measure toxicity and
+perplexity every N steps: does what was pruned come back ("relearning")?
+
+Built on Accelerate: one process, or several (`torchrun --nproc_per_node N -m lmprune.cli
+finetune ...` on CPU, `accelerate launch` on GPUs). Each process reads its own slice of every
+global batch from a seeded block order, so the data position is just the step count, and a run
+killed at any point resumes from its last checkpoint to the same weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmprune.config import option, register_stage
+from lmprune.errors import LmpruneError
+from lmprune.prune import CHECKPOINT_FILE, PruneMask, command_line, read_checkpoint_meta, utc_now
+
+# evaluate(model, tokenizer, step) -> {metric name: value}
+Evaluator = Callable[[nn.Module, object, int], dict[str, float]]
+CURVE_FILE = "relearning.json"
+PLOT_FILE = "relearning.png"
+
+
+@dataclass
+class FinetuneConfig:
+    """lmprune finetune: train a checkpoint on a corpus with its pruned weights held at zero."""
+
+    model: str | None = option(None, "Checkpoint folder to fine-tune (its lmprune.json masks "
+                               "are held at zero), or any model (required).")
+    data: str | None = option(None, "Training corpus spec, e.g. wikitext2:valid (required).")
+    out: str | None = option(None, "Output checkpoint folder (required); checkpoints go to "
+                             "OUT/checkpoints until the run ends.")
+    max_docs: int | None = option(None, "Read at most this many documents of --data.")
+    max_steps: int | None = option(None, "Optimizer steps (default: --epochs over the data).")
+    epochs: float = option(1.0, "Passes over the packed data when --max-steps is not given.")
+    lr: float = option(5e-5, "Peak learning rate (AdamW).")
+    schedule: str = option("linear", "Learning-rate decay after warmup.",
+                           choices=["linear", "cosine", "constant"])
+    warmup_steps: int = option(0, "Linear warmup steps.")
+    weight_decay: float = option(0.01, "AdamW weight decay (matrices only, not biases/norms).")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0: off).")
+    batch_size: int = option(8, "Blocks per process per micro-batch.")
+    grad_accum: int = option(1, "Micro-batches per optimizer step.")
+    seq_len: int = option(128, "Tokens per packed block.")
+    mixed_precision: str = option("no", "Autocast precision.", choices=["no", "bf16", "fp16"])
+    checkpoint_every: int = option(0, "Save a resumable checkpoint every N steps (0: never).")
+    eval_every: int = option(0, "Measure toxicity and perplexity every N steps (0: never).")
+    eval_prompts: str = option("rtp:challenging", "Prompts for the toxicity measurement.")
+    eval_limit: int = option(20, "Prompts used per measurement.")
+    eval_samples: int = option(5, "Continuations sampled per prompt.")
+    eval_max_new_tokens: int = option(20, "New tokens per continuation.")
+    scorer: str = option("profanity_check", "Toxicity scorer (profanity_check, detoxify, or a "
+                         "Hugging Face classifier).")
+    ppl_data: str = option("wikitext2:test", "Text for the perplexity measurement.")
+    ppl_max_tokens: int = option(4096, "Tokens of --ppl-data used per measurement.")
+    base_model: str | None = option(None, "Unpruned model measured once for the curve's "
+                                    "reference line (default: the checkpoint's base model; "
+                                    "'none' to skip).")
+    seed: int = option(0, "Seed of data order, dropout and sampling.")
+    dtype: str = option("float32", "Weights dtype.",
+                        choices=["auto", "float32", "bfloat16", "float16"])
+    device: str = option("auto", "cpu, cuda or auto (with several processes: one per device).")
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+def pack_blocks(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
+    """Concatenate the documents (EOS between them) and cut into blocks [n_blocks, seq_len]."""
+    ids: list[int] = []
+    eos = tokenizer.eos_token_id
+    for doc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids.extend(doc)
+        if eos is not None:
+            ids.append(eos)
+    num_blocks = len(ids) // seq_len
+    if num_blocks == 0:
+        raise LmpruneError(f"the training corpus has {len(ids)} tokens, fewer than one block of "
+                           f"--seq-len {seq_len}: use more data or a shorter --seq-len")
+    return torch.tensor(ids[: num_blocks * seq_len], dtype=torch.long).view(num_blocks, seq_len)
+
+
+class BlockOrder:
+    """An endless stream of block indices: a fresh seeded permutation for every epoch."""
+
+    def __init__(self, num_blocks: int, seed: int):
+        self.num_blocks = num_blocks
+        self.seed = seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            self._perms = {k: v for k, v in self._perms.items() if k >= epoch - 1}
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms[epoch] = torch.randperm(self.num_blocks, generator=gen)
+        return self._perms[epoch]
+
+    def take(self, start: int, count: int) -> torch.Tensor:
+        """Block indices at stream positions start .. start + count - 1."""
+        return torch.stack([self._perm(i // self.num_blocks)[i % self.num_blocks]
+                            for i in range(start, start + count)])
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with decay on matrices only (biases and norm weights are 1-D)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+
+def make_scheduler(optimizer, schedule: str, warmup_steps: int, total_steps: int):
+    from transformers import get_scheduler
+
+    name = "constant_with_warmup" if schedule == "constant" else schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps,
+                         num_training_steps=total_steps)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+class CheckpointStore:
+    """`OUT/checkpoints/step-XXXXXXXX/`: weights, optimizer, scheduler, per-process RNG, state.
+
+    Every process writes its RNG state into a temporary folder; the main process adds the rest
+    and renames the folder into place, so a checkpoint folder is either complete or absent.
+    """
+
+    def __init__(self, out_dir: str | Path):
+        self.root = Path(out_dir) / "checkpoints"
+
+    def latest(self) -> Path | None:
+        found = sorted(self.root.glob("step-*")) if self.root.is_dir() else []
+        return found[-1] if found else None
+
+    def save(self, step: int, accelerator, model: nn.Module, optimizer, scheduler,
+             state: dict) -> Path:
+        from safetensors.torch import save_model
+
+        final = self.root / f"step-{step:08d}"
+        tmp = self.root / f".step-{step:08d}.tmp"
+        main = accelerator.is_main_process
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+        if main:
+            save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
+            blob = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            if accelerator.scaler is not None:
+                blob["scaler"] = accelerator.scaler.state_dict()
+            torch.save(blob, tmp / "training.pt")
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        accelerator.wait_for_everyone()
+        if main:
+            os.replace(tmp, final)
+            for old in self.root.glob("step-*"):
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return final
+
+    @staticmethod
+    def load(path: Path, accelerator, model: nn.Module, optimizer, scheduler) -> dict:
+        """Restore into the unprepared model and optimizer; returns the saved state."""
+        from safetensors.torch import load_model
+
+        device = accelerator.device
+        load_model(model, str(path / "model.safetensors"), device=str(device))
+        blob = torch.load(path / "training.pt", map_location=device, weights_only=True)
+        optimizer.load_state_dict(blob["optimizer"])
+        scheduler.load_state_dict(blob["scheduler"])
+        if "scaler" in blob and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(blob["scaler"])
+        rng_file = path / f"rng-{accelerator.process_index}.pt"
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+        return json.loads((path / "state.json").read_text())
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------
+# The relearning curve
+
+
+def write_curve(curve: dict, out_dir: str | Path) -> None:
+    """relearning.json and relearning.png (one panel per metric against step), atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{CURVE_FILE}.tmp"
+    tmp.write_text(json.dumps(curve, indent=2) + "\n")
+    os.replace(tmp, out_dir / CURVE_FILE)
+    plot_curve(curve, out_dir / PLOT_FILE)
+
+
+def plot_curve(curve: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points, base = curve["points"], curve.get("base") or {}
+    # toxicity panels first, then perplexity and anything else
+    metrics = sorted({k for p in points for k in p["metrics"]},
+                     key=lambda k: ("toxic" not in k, k))
+    if not metrics:
+        return
+    start = next((p["metrics"] for p in points if p["step"] == 0), {})
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(6.4, 2.4 * len(metrics)), sharex=True,
+                             squeeze=False)
+    for ax, key in zip(axes[:, 0], metrics, strict=True):
+        steps = [p["step"] for p in points if key in p["metrics"]]
+        ax.plot(steps, [p["metrics"][key] for p in points if key in p["metrics"]],
+                marker="o", label="fine-tuning")
+        if key in base:
+            ax.axhline(base[key], linestyle="--", color="gray", label="unpruned base")
+        if key in start:
+            ax.axhline(start[key], linestyle=":", color="C3", label="pruned start")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize="small")
+    axes[0, 0].set_title(curve.get("title", "relearning during fine-tuning"))
+    axes[-1, 0].set_xlabel("fine-tuning step")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _measure(evaluate: Evaluator, model: nn.Module, tokenizer, step: int) -> dict[str, float]:
+    """Run the evaluator in eval mode with the training RNG untouched (sampling uses its own)."""
+    was_training = model.training
+    model.eval()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            metrics = evaluate(model, tokenizer, step)
+    finally:
+        model.train(was_training)
+    return {k: float(v) for k, v in metrics.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+def _fingerprint(config: FinetuneConfig, corpus_sha: str, num_blocks: int, total_steps: int,
+                 num_processes: int) -> dict:
+    """What must be equal for a checkpoint to be resumed by this run."""
+    keys = ("model", "lr", "schedule", "warmup_steps", "weight_decay", "max_grad_norm",
+            "batch_size", "grad_accum", "seq_len", "mixed_precision", "seed")
+    return {**{k: getattr(config, k) for k in keys}, "data_sha256": corpus_sha,
+            "num_blocks": num_blocks, "total_steps": total_steps, "num_processes": num_processes}
+
+
+def _check_config(config: FinetuneConfig) -> None:
+    for name in ("model", "data", "out"):
+        if not getattr(config, name):
+            raise LmpruneError(f"--{name} is required")
+    if Path(config.out).resolve() == Path(config.model).resolve():
+        raise LmpruneError("--out must differ from --model (the input checkpoint is kept)")
+    for name in ("batch_size", "grad_accum", "seq_len"):
+        if getattr(config, name) < 1:
+            raise LmpruneError(f"--{name.replace('_', '-')} must be at least 1")
+    if config.max_steps is not None and config.max_steps < 1:
+        raise LmpruneError("--max-steps must be at least 1")
+
+
+
+def train_step(accelerator, model: nn.Module, optimizer, scheduler,
+               micro_batches: list[torch.Tensor], mask: PruneMask | None,
+               max_grad_norm: float) -> float:
+    """One optimizer step over micro-batches [batch, seq_len]; returns the sum of their losses.
+
+    Masked gradients keep AdamW's moments of pruned weights at zero; re-zeroing after the step
+    undoes whatever weight decay or stale momentum would still write into them.
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    total = 0.0
+    for k, batch in enumerate(micro_batches):
+        last = k == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+        with sync, accelerator.autocast():
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            accelerator.backward(loss / len(micro_batches))
+        total += loss.item()
+    if mask is not None:
+        mask.mask_gradients(unwrapped)
+    if max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if mask is not None:
+        mask.apply(unwrapped)
+    return total
+
+
+def finetune(config: FinetuneConfig, evaluate: Evaluator | None = None) -> Path:
+    """Train, checkpoint, evaluate every `eval_every` steps, save the final checkpoint.
+
+    `evaluate(model, tokenizer, step) -> {metric: value}` is called on the main process at step
+    0 (the pruned start), every `eval_every` steps and at the end; None skips evaluation.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from lmprune.data import load_corpus
+    from lmprune.models import load_model, resolve_device, save_model
+
+    _check_config(config)
+    started = time.time()
+    device = resolve_device(config.device)
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=config.mixed_precision)
+    main, rank, nproc = (accelerator.is_main_process, accelerator.process_index,
+                         accelerator.num_processes)
+    torch.manual_seed(config.seed + rank)  # dropout differs per process, reproducibly
+
+    loaded = load_model(config.model, dtype=config.dtype, device=str(accelerator.device))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    meta = read_checkpoint_meta(config.model) if loaded.source.kind == "folder" else None
+    mask = PruneMask(model, (meta or {}).get("pruned_neurons", {}))
+    mask.apply(model)
+
+    corpus = load_corpus(config.data, config.max_docs)
+    blocks = pack_blocks(tokenizer, corpus.texts, config.seq_len)  # [n_blocks, seq_len]
+    order = BlockOrder(len(blocks), config.seed)
+    per_step = config.batch_size * config.grad_accum * nproc
+    total_steps = config.max_steps or max(1, math.ceil(config.epochs * len(blocks) / per_step))
+
+    optimizer = make_optimizer(model, config.lr, config.weight_decay)
+    scheduler = make_scheduler(optimizer, config.schedule, config.warmup_steps, total_steps)
+    fingerprint = _fingerprint(config, corpus.sha256, len(blocks), total_steps, nproc)
+    store = CheckpointStore(config.out)
+    every = config.eval_every if evaluate is not None else 0
+    curve = {"format": "lmprune.relearning", "model": config.model, "data": config.data,
+             "base": None, "points": []}
+    step, resumed_from, loss_sum, loss_count = 0, None, 0.0, 0
+    if (latest := store.latest()) is not None:
+        state = CheckpointStore.load(latest, accelerator, model, optimizer, scheduler)
+        if state["fingerprint"] != fingerprint:
+            raise LmpruneError(f"{store.root} holds checkpoints of a different run (settings, "
+                               f"data or process count differ): use another --out or delete it")
+        step = resumed_from = state["step"]
+        curve, loss_sum, loss_count = state["curve"], state["loss_sum"], state["loss_count"]
+        if main:
+            print(f"resuming from {latest} (step {step} of {total_steps})")
+
+    if evaluate is not None and every and step == 0 and main:
+        curve["base"] = _measure_base(config, meta, evaluate, accelerator.device)
+        curve["points"].append({"step": 0, "metrics": _measure(evaluate, model, tokenizer, 0)})
+        write_curve(curve, config.out)
+    accelerator.wait_for_everyone()
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, desc="finetune", disable=not main)
+    while step < total_steps:
+        micro_batches = [
+            blocks[order.take(((step * config.grad_accum + micro) * nproc + rank)
+                              * config.batch_size, config.batch_size)].to(accelerator.device)
+            for micro in range(config.grad_accum)]
+        loss_sum += train_step(accelerator, model, optimizer, scheduler, micro_batches,
+                               mask, config.max_grad_norm)
+        loss_count += config.grad_accum
+        step += 1
+        bar.update(1)
+
+        if every and (step % every == 0 or step == total_steps):
+            if main:
+                point = {"step": step, "metrics": _measure(evaluate, unwrapped, tokenizer, step),
+                         "train_loss": loss_sum / max(loss_count, 1)}
+                curve["points"].append(point)
+                write_curve(curve, config.out)
+                bar.set_postfix(loss=f"{point['train_loss']:.3f}")
+            loss_sum, loss_count = 0.0, 0
+            accelerator.wait_for_everyone()
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
+            store.save(step, accelerator, model, optimizer, scheduler,
+                       {"step": step, "fingerprint": fingerprint, "curve": curve,
+                        "loss_sum": loss_sum, "loss_count": loss_count})
+    bar.close()
+
+    if main:
+        mask.check(unwrapped)
+        meta_out = _final_meta(config, meta, loaded.identity, corpus, blocks, total_steps, nproc,
+                               resumed_from, time.time() - started)
+        extra = {CHECKPOINT_FILE: meta_out}
+        if curve["points"]:
+            extra[CURVE_FILE] = curve
+        save_model(unwrapped, tokenizer, config.out, extra_files=extra)
+        if curve["points"]:
+            plot_curve(curve, Path(config.out) / PLOT_FILE)
+    accelerator.wait_for_everyone()
+    return Path(config.out)
+
+
+def _measure_base(config: FinetuneConfig, meta: dict | None, evaluate: Evaluator,
+                  device) -> dict[str, float] | None:
+    """The unpruned base model's metrics: the reference line of the curve."""
+    from lmprune.models import load_model
+
+    name = config.base_model
+    if name is None and meta:
+        name = (meta.get("base_model") or {}).get("name")
+    if not name or name == "none":
+        return None
+    try:
+        base = load_model(name, dtype=config.dtype, device=str(device))
+    except LmpruneError as err:
+        print(f"lmprune: warning: base model '{name}' not measured ({err}); pass --base-model")
+        return None
+    metrics = _measure(evaluate, base.model, base.tokenizer, 0)
+    del base
+    return metrics
+
+
+def _final_meta(config: FinetuneConfig, meta: dict | None, identity: dict, corpus, blocks,
+                total_steps: int, nproc: int, resumed_from: int | None, seconds: float) -> dict:
+    """The input's lmprune.json with this fine-tuning appended to its history."""
+    from lmprune import __version__
+
+    out = dict(meta) if meta else {
+        "format": "lmprune.checkpoint", "format_version": 1, "base_model": identity,
+        "mode": "none", "pruned_neurons": {}, "history": []}
+    out["lmprune_version"] = __version__
+    out["command"] = command_line()
+    out["history"] = [*out.get("history", []), {
+        "stage": "finetune", "steps": total_steps, "from": identity,
+        "data": {**corpus.describe(), "tokens": int(blocks.numel())},
+        **{k: v for k, v in asdict(config).items()
+           if k in ("lr", "schedule", "warmup_steps", "weight_decay", "max_grad_norm",
+                    "batch_size", "grad_accum", "seq_len", "mixed_precision", "seed")},
+        "num_processes": nproc, "resumed_from": resumed_from, "time": utc_now(),
+        "seconds": round(seconds, 1)}]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluation the CLI runs
+
+
+def build_evaluator(config: FinetuneConfig) -> Evaluator | None:
+    """Toxicity of sampled continuations plus perplexity, from lmprune.evaluate."""
+    if config.eval_every <= 0:
+        return None
+    try:
+        from lmprune.evaluate.perplexity import perplexity
+        from lmprune.evaluate.scorers import load_scorer
+        from lmprune.evaluate.toxicity import evaluate_toxicity
+    except ImportError as err:
+        raise LmpruneError(f"--eval-every needs lmprune.evaluate, which did not import ({err}); "
+                           f"run without --eval-every") from err
+    from lmprune.data import load_corpus
+    from lmprune.models import resolve_device
+
+    prompts = load_corpus(config.eval_prompts, config.eval_limit).texts
+    ppl_text = "\n\n".join(load_corpus(config.ppl_data).texts)
+    scorer = load_scorer(config.scorer, device=resolve_device(config.device))
+
+    def evaluate(model, tokenizer, step):
+        tox = evaluate_toxicity(model, tokenizer, prompts, scorer, samples=config.eval_samples,
+                                max_new_tokens=config.eval_max_new_tokens, seed=config.seed)
+        ppl = perplexity(model, tokenizer, ppl_text, max_tokens=config.ppl_max_tokens)
+        metrics = {k: tox[k] for k in ("expected_max_toxicity", "toxicity_probability",
+                                       "mean_toxicity")}
+        metrics["perplexity"] = _perplexity_value(ppl)
+        return metrics
+
+    return evaluate
+
+
+def _perplexity_value(result: dict) -> float:
+    """The token perplexity in whatever key `perplexity()` returns it."""
+    for key in ("perplexity", "token_perplexity", "ppl"):
+        if isinstance(result.get(key), (int, float)):
+            return float(result[key])
+    found = sorted(k for k, v in result.items() if "perplex" in k and isinstance(v, (int, float)))
+    if not found:
+        raise LmpruneError(f"perplexity() returned no perplexity value (keys: {sorted(result)})")
+    return float(result[found[0]])
+
+
+def run(config: FinetuneConfig) -> int:
+    out = finetune(config, build_evaluator(config))
+    print(f"fine-tuned -> {out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    register_stage(subparsers, "finetune", FinetuneConfig, run,
+                   help="Fine-tune a pruned checkpoint with its masks held at zero; re-measure "
+                        "toxicity and perplexity every N steps.")

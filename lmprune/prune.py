@@ -1,0 +1,671 @@
+"""Prune: choose neurons (modules of a module map, single neurons by AUROC, AURA dampening or a
+random control), zero their weights and save a normal checkpoint plus `lmprune.json`.
+
+`PruneMask` is the persistent form of a pruning: it knows, per parameter, which slices are zero,
+re-applies them and masks gradients, so fine-tuning (and any later stage) keeps them at zero.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmprune import __version__
+from lmprune.arch import NeuronMap
+from lmprune.config import option, register_stage
+from lmprune.errors import LmpruneError
+
+CHECKPOINT_FILE = "lmprune.json"
+MODES = ["modules", "neurons", "dampen", "random"]
+
+# {layer: sorted neuron indices}
+NeuronSet = dict[int, list[int]]
+
+
+# --------------------------------------------------------------------------------------------
+# Neuron sets and checkpoint metadata
+
+
+def normalize_neurons(neurons) -> NeuronSet:
+    """{layer: [idx]} with int keys (JSON gives strings), sorted unique indices, no empty layers."""
+    out = {}
+    for layer, idx in neurons.items():
+        idx = sorted({int(i) for i in idx})
+        if idx:
+            out[int(layer)] = idx
+    return dict(sorted(out.items()))
+
+
+def count_neurons(neurons: NeuronSet) -> int:
+    return sum(len(idx) for idx in neurons.values())
+
+
+def neurons_to_json(neurons: NeuronSet) -> dict[str, list[int]]:
+    return {str(layer): idx for layer, idx in normalize_neurons(neurons).items()}
+
+
+def read_checkpoint_meta(folder: str | Path) -> dict | None:
+    """The `lmprune.json` of a checkpoint folder, or None when the folder has none."""
+    path = Path(folder) / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise LmpruneError(f"{path} is not valid JSON ({err.msg})") from err
+    if not isinstance(meta.get("pruned_neurons", {}), dict):
+        raise LmpruneError(f"{path}: 'pruned_neurons' must map layer -> neuron indices")
+    return meta
+
+
+def command_line() -> str:
+    return shlex.join(["lmprune", *sys.argv[1:]])
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# --------------------------------------------------------------------------------------------
+# The mask
+
+
+class PruneMask:
+    """Which weight slices of a model are pruned; keeps them exactly zero.
+
+    Stored as (parameter name, dim, indices) triples rather than full-size mask tensors: applying
+    and masking gradients then touch only the pruned slices (cheap), and names survive wrapping
+    and device moves. Pass the *unwrapped* model (`accelerator.unwrap_model`).
+    """
+
+    def __init__(self, model: nn.Module, pruned_neurons):
+        self.pruned_neurons = normalize_neurons(pruned_neurons)
+        nmap = NeuronMap(model)
+        names = {id(p): n for n, p in model.named_parameters()}
+        grouped: dict[tuple[str, int], list[torch.Tensor]] = defaultdict(list)
+        for layer, idx in self.pruned_neurons.items():
+            if layer >= nmap.num_layers:
+                raise LmpruneError(f"pruned layer {layer} does not exist "
+                                   f"(model has {nmap.num_layers} layers)")
+            if idx[0] < 0 or idx[-1] >= nmap.width(layer):
+                raise LmpruneError(f"pruned neuron {idx[-1]} out of range in layer {layer} "
+                                   f"(width {nmap.width(layer)})")
+            index = torch.tensor(idx, dtype=torch.long)
+            for s in nmap.weight_slices(layer):
+                grouped[(names[id(s.param)], s.dim)].append(index + s.offset)
+        self.entries: list[tuple[str, int, torch.Tensor]] = [
+            (name, dim, torch.cat(parts)) for (name, dim), parts in grouped.items()
+        ]
+        self._on_device: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    @classmethod
+    def from_checkpoint(cls, model: nn.Module, folder: str | Path) -> PruneMask:
+        """The mask recorded in a checkpoint's lmprune.json (empty when it has none)."""
+        meta = read_checkpoint_meta(folder) or {}
+        return cls(model, meta.get("pruned_neurons", {}))
+
+    @property
+    def num_neurons(self) -> int:
+        return count_neurons(self.pruned_neurons)
+
+    def _slices(self, model: nn.Module):
+        for k, (name, dim, index) in enumerate(self.entries):
+            param = model.get_parameter(name)
+            key = (k, param.device)
+            if key not in self._on_device:
+                self._on_device[key] = index.to(param.device)
+            yield param, dim, self._on_device[key]
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> None:
+        """Zero every pruned slice in place."""
+        for param, dim, index in self._slices(model):
+            param.index_fill_(dim, index, 0.0)
+
+    @torch.no_grad()
+    def mask_gradients(self, model: nn.Module) -> None:
+        """Zero the gradients of the pruned slices (call after backward, before the step)."""
+        for param, dim, index in self._slices(model):
+            if param.grad is not None:
+                param.grad.index_fill_(dim, index, 0.0)
+
+    @torch.no_grad()
+    def nonzero_count(self, model: nn.Module) -> int:
+        """How many pruned weight entries are not exactly zero (0 when the mask holds)."""
+        return sum(int(torch.count_nonzero(param.index_select(dim, index)))
+                   for param, dim, index in self._slices(model))
+
+    def check(self, model: nn.Module) -> None:
+        bad = self.nonzero_count(model)
+        if bad:
+            raise LmpruneError(f"{bad} pruned weights are not zero: the mask was not held")
+
+    def as_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Full-size boolean masks, True where a weight is pruned: {parameter name: mask}."""
+        out = {}
+        for (name, _, _), (param, dim, index) in zip(self.entries, self._slices(model),
+                                                    strict=True):
+            mask = out.get(name, torch.zeros_like(param, dtype=torch.bool))
+            out[name] = mask.index_fill(dim, index, True)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Module maps and selection
+
+
+def load_module_map(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise LmpruneError(f"module map not found: {path} (write one with `lmprune locate`)")
+    try:
+        mmap = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise LmpruneError(f"{path} is not valid JSON ({err.msg})") from err
+    if mmap.get("format") != "lmprune.modules" or not isinstance(mmap.get("modules"), list):
+        raise LmpruneError(f"{path} is not an lmprune module map (format 'lmprune.modules' with "
+                           f"a 'modules' list)")
+    for module in mmap["modules"]:
+        if "id" not in module or not module.get("members"):
+            raise LmpruneError(f"{path}: every module needs an 'id' and non-empty 'members'")
+    return mmap
+
+
+def _same(a, b) -> bool:
+    return a is None or b is None or a == b
+
+
+def check_identity(recorded: dict, identity: dict, nmap: NeuronMap, where: str) -> None:
+    """Refuse a module map or stats folder made for another model than the loaded one.
+
+    Compares model_type, layer count and width, and the weights hash or revision when both sides
+    have one. A checkpoint lmprune wrote also matches what was made for its base model.
+    """
+    model_type = recorded.get("model_type")
+    if model_type and model_type != nmap.model_type:
+        raise LmpruneError(f"{where} was made for a {model_type} model, but the loaded model is "
+                           f"{nmap.model_type}: use the module map of this model")
+    layers = recorded.get("num_layers")
+    if layers is not None and layers != nmap.num_layers:
+        raise LmpruneError(f"{where} was made for {layers} layers, the loaded model has "
+                           f"{nmap.num_layers}: use the module map of this model")
+    width = recorded.get("neurons_per_layer")
+    if isinstance(width, list):
+        width = width[0]
+    if width is not None and width != nmap.width(0):
+        raise LmpruneError(f"{where} was made for {width} neurons per layer, the loaded model "
+                           f"has {nmap.width(0)}: use the module map of this model")
+    lineage = [identity] + ([identity["base_model"]] if identity.get("base_model") else [])
+    for key in ("weights_sha256", "revision"):
+        theirs = recorded.get(key)
+        ours = [ident.get(key) for ident in lineage if ident.get(key)]
+        if theirs and ours and theirs not in ours:
+            raise LmpruneError(f"{where} was made for another model ({key} {theirs[:12]}..., "
+                               f"loaded {ours[0][:12]}...): collect and locate on this model")
+
+
+def check_module_map(mmap: dict, identity: dict, nmap: NeuronMap, where: str) -> None:
+    recorded = dict(mmap.get("model") or {})
+    for key in ("num_layers", "neurons_per_layer"):
+        recorded.setdefault(key, mmap.get(key))
+    check_identity(recorded, identity, nmap, where)
+    widths = nmap.widths
+    for module in mmap["modules"]:
+        for layer, neuron in module["members"]:
+            if not (0 <= layer < nmap.num_layers and 0 <= neuron < widths[layer]):
+                raise LmpruneError(f"{where}: module {module['id']} has neuron ({layer}, "
+                                   f"{neuron}), outside the loaded model: use this model's map")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A parsed `--select`: kind is top, budget, ids or target."""
+
+    kind: str
+    value: float
+    percent: bool = False
+    ids: tuple[int, ...] = ()
+
+
+def parse_select(spec: str) -> Selection:
+    kind, _, arg = spec.partition(":")
+    usage = "--select must be top:N, budget:P%, budget:N, ids:3,7,9 or target:X"
+    try:
+        if kind == "top":
+            value = int(arg)
+            if value < 1:
+                raise ValueError
+            return Selection("top", value)
+        if kind == "budget":
+            percent = arg.endswith("%")
+            value = float(arg[:-1]) if percent else int(arg)
+            if value <= 0 or (percent and value > 100):
+                raise ValueError
+            return Selection("budget", value, percent)
+        if kind == "ids":
+            ids = tuple(int(x) for x in arg.split(","))
+            return Selection("ids", len(ids), ids=ids)
+        if kind == "target":
+            return Selection("target", float(arg))
+    except ValueError:
+        raise LmpruneError(f"{usage}, not '{spec}'") from None
+    raise LmpruneError(f"{usage}, not '{spec}'")
+
+
+def rank_modules(modules: list[dict], rank_by: str) -> list[dict]:
+    """Modules by `scores[rank_by]`, highest first (ties keep file order)."""
+    missing = [m["id"] for m in modules if rank_by not in (m.get("scores") or {})]
+    if missing:
+        raise LmpruneError(f"modules {missing[:5]} have no score '{rank_by}'; choose another "
+                           f"with --rank-by")
+    return sorted(modules, key=lambda m: -float(m["scores"][rank_by]))
+
+
+def module_neurons(modules: list[dict]) -> NeuronSet:
+    neurons: dict[int, set[int]] = defaultdict(set)
+    for module in modules:
+        for layer, neuron in module["members"]:
+            neurons[int(layer)].add(int(neuron))
+    return normalize_neurons(neurons)
+
+
+def select_modules(ranked: list[dict], selection: Selection, total_neurons: int,
+                   gap_fn=None) -> tuple[list[dict], dict]:
+    """The chosen modules (in rank order) and what the rule saw.
+
+    top:N       the first N modules;
+    budget      modules in rank order while their union stays within the budget (a module that
+                would overshoot ends the selection);
+    ids         exactly these ids;
+    target:X    modules in rank order until `gap_fn(neurons)` (offensive-vs-clean loss gap of
+                the pruned model) reaches X.
+    """
+    if selection.kind == "top":
+        return ranked[: int(selection.value)], {}
+    if selection.kind == "ids":
+        by_id = {m["id"]: m for m in ranked}
+        unknown = [i for i in selection.ids if i not in by_id]
+        if unknown:
+            raise LmpruneError(f"module ids {unknown} are not in the module map")
+        wanted = set(selection.ids)
+        return [m for m in ranked if m["id"] in wanted], {}
+    if selection.kind == "budget":
+        limit = (selection.value / 100 * total_neurons if selection.percent
+                 else selection.value)
+        chosen: list[dict] = []
+        for module in ranked:
+            if count_neurons(module_neurons(chosen + [module])) > limit:
+                break
+            chosen.append(module)
+        return chosen, {"budget_neurons": int(limit)}
+    if gap_fn is None:
+        raise LmpruneError("--select target:X needs held-out texts: --offensive SPEC --clean SPEC")
+    chosen, trace = [], []
+    for module in ranked:
+        chosen.append(module)
+        gap = gap_fn(module_neurons(chosen))
+        trace.append({"id": module["id"], "gap": gap})
+        if gap >= selection.value:
+            return chosen, {"target": selection.value, "reached": True, "trace": trace}
+    print(f"lmprune: warning: target gap {selection.value} not reached with all "
+          f"{len(ranked)} modules (last gap {trace[-1]['gap']:.4f})", file=sys.stderr)
+    return chosen, {"target": selection.value, "reached": False, "trace": trace}
+
+
+# --------------------------------------------------------------------------------------------
+# Losses for target:X
+
+
+@torch.no_grad()
+def mean_token_nll(model: nn.Module, tokenizer, texts: list[str], batch_size: int = 8,
+                   max_length: int = 128) -> float:
+    """Mean next-token negative log-likelihood over all real tokens of `texts` (padding masked)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                        truncation=True, max_length=max_length, padding_side="right")
+        ids, attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        logits = model(input_ids=ids, attention_mask=attn).logits.float()  # [batch, pos, vocab]
+        targets = ids[:, 1:].masked_fill(attn[:, 1:] == 0, -100)
+        nll = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets,
+                                          ignore_index=-100, reduction="sum")
+        total += nll.item()
+        count += int((targets != -100).sum())
+    if count == 0:
+        raise LmpruneError("no tokens to score: the texts are empty after tokenization")
+    return total / count
+
+
+def make_gap_fn(model: nn.Module, tokenizer, offensive: list[str], clean: list[str],
+                batch_size: int = 8, max_length: int = 128):
+    """gap(neurons) = (loss_off(pruned) - loss_off(base)) - (loss_clean(pruned) - loss_clean(base)),
+    with the neurons silenced by zeroing their activations (same output as zeroed weights)."""
+    from lmprune.hooks import NeuronHooks
+
+    def losses():
+        return (mean_token_nll(model, tokenizer, offensive, batch_size, max_length),
+                mean_token_nll(model, tokenizer, clean, batch_size, max_length))
+
+    base_off, base_clean = losses()
+
+    def gap(neurons: NeuronSet) -> float:
+        index = {layer: torch.tensor(idx) for layer, idx in neurons.items()}
+
+        def silence(layer, acts):  # acts [batch, pos, d_mlp]
+            if layer in index:
+                return acts.index_fill(-1, index[layer].to(acts.device), 0.0)
+            return None
+
+        with NeuronHooks(model, silence):
+            off, clean_loss = losses()
+        return (off - base_off) - (clean_loss - base_clean)
+
+    return gap
+
+
+# --------------------------------------------------------------------------------------------
+# The other modes
+
+
+def load_auroc(stats_dir: str | Path, identity: dict, nmap: NeuronMap) -> torch.Tensor:
+    """AUROC per neuron [L, W] from a collect folder, checked against the loaded model."""
+    from safetensors.torch import load_file
+
+    stats_dir = Path(stats_dir)
+    path = stats_dir / "stats.safetensors"
+    if not path.is_file():
+        raise LmpruneError(f"no stats.safetensors in {stats_dir} (write it with `lmprune collect`)")
+    manifest = stats_dir / "manifest.json"
+    if manifest.is_file():
+        meta = json.loads(manifest.read_text())
+        recorded = dict(meta.get("model") or {}, num_layers=meta.get("num_layers"),
+                        neurons_per_layer=meta.get("neurons_per_layer"))
+        check_identity(recorded, identity, nmap, f"stats {stats_dir}")
+    tensors = load_file(path)
+    if "auroc" not in tensors:
+        raise LmpruneError(f"{path} has no 'auroc' tensor")
+    auroc = tensors["auroc"].float()
+    if tuple(auroc.shape) != (nmap.num_layers, nmap.width(0)):
+        raise LmpruneError(f"{path}: auroc has shape {tuple(auroc.shape)}, the model needs "
+                           f"({nmap.num_layers}, {nmap.width(0)})")
+    return auroc
+
+
+def top_auroc_neurons(auroc: torch.Tensor, k: int) -> NeuronSet:
+    """The k neurons with the highest AUROC (ties: lower layer, then lower index first)."""
+    if not 0 < k <= auroc.numel():
+        raise LmpruneError(f"--count must be between 1 and {auroc.numel()}, not {k}")
+    order = torch.sort(auroc.flatten(), descending=True, stable=True).indices[:k]
+    width = auroc.shape[1]
+    neurons: dict[int, list[int]] = defaultdict(list)
+    for flat in order.tolist():
+        neurons[flat // width].append(flat % width)
+    return normalize_neurons(neurons)
+
+
+def aura_factors(auroc: torch.Tensor) -> torch.Tensor:
+    """AURA's dampening: 1 - 2(AUROC - 0.5) where AUROC > 0.5, else 1. [L, W]"""
+    return torch.where(auroc > 0.5, 1 - 2 * (auroc - 0.5), torch.ones_like(auroc)).clamp(0, 1)
+
+
+@torch.no_grad()
+def dampen(model: nn.Module, factors: torch.Tensor) -> None:
+    """Scale each neuron's output-projection column (Conv1D: row) by its factor [L, W].
+
+    The same as scaling the activation (AURA), but it keeps a plain checkpoint.
+    """
+    nmap = NeuronMap(model)
+    out_dim = 0 if nmap.layout.conv1d else 1
+    for layer in range(nmap.num_layers):
+        weight = nmap.output_projection(layer).weight  # Linear [d_model, W]; Conv1D [W, d_model]
+        shape = [1, 1]
+        shape[out_dim] = -1
+        weight.mul_(factors[layer].to(weight).view(shape))
+
+
+def random_like(reference: NeuronSet, widths: list[int], seed: int) -> NeuronSet:
+    """Random neurons with the same count per layer as `reference` (a seeded control)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer, idx in sorted(reference.items()):
+        out[layer] = sorted(torch.randperm(widths[layer], generator=gen)[: len(idx)].tolist())
+    return normalize_neurons(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Physical removal
+
+
+@torch.no_grad()
+def remove_neurons(model: nn.Module, neurons: NeuronSet) -> None:
+    """Slice the neurons out of every layer and shrink the config's width key.
+
+    Only loadable when every layer loses the same number (one width per config); refused
+    otherwise.
+    """
+    nmap = NeuronMap(model)
+    counts = [len(neurons.get(layer, [])) for layer in range(nmap.num_layers)]
+    if len(set(counts)) != 1 or counts[0] == 0:
+        raise LmpruneError(f"--physical needs every layer to lose the same number of neurons "
+                           f"(per layer: {counts}); save zeroed weights instead (drop --physical)")
+    for layer in range(nmap.num_layers):
+        width = nmap.width(layer)
+        pruned = set(neurons[layer])
+        keep = torch.tensor([j for j in range(width) if j not in pruned], dtype=torch.long)
+        offsets: dict[tuple[str, int], list[int]] = defaultdict(list)
+        for s in nmap.weight_slices(layer):
+            offsets[(s.name, s.dim)].append(s.offset)
+        mlp = nmap.mlps[layer]
+        for (name, dim), offs in offsets.items():
+            owner_name, attr = name.rsplit(".", 1)
+            owner = mlp.get_submodule(owner_name)
+            param = getattr(owner, attr)
+            index = torch.cat([keep + off for off in offs]).to(param.device)
+            setattr(owner, attr, nn.Parameter(param.index_select(dim, index).clone(),
+                                              requires_grad=param.requires_grad))
+        for owner_name in {name.rsplit(".", 1)[0] for name, _ in offsets}:
+            _sync_features(mlp.get_submodule(owner_name))
+    config, key = nmap.width_config(model.config)
+    setattr(config, key, nmap.width(0))
+
+
+def _sync_features(module: nn.Module) -> None:
+    """Keep a projection's size attributes in line with its (sliced) weight."""
+    if hasattr(module, "nf"):  # GPT-2 Conv1D: weight [nx, nf]; forward reads nf
+        module.nx, module.nf = module.weight.shape
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+
+
+@dataclass
+class PruneConfig:
+    """lmprune prune: choose neurons, zero them, save a checkpoint with lmprune.json."""
+
+    model: str = option("smollm2-135m", "Hub id, local folder, .gguf file or bundled alias.")
+    out: str | None = option(None, "Output checkpoint folder (required).")
+    mode: str = option("modules", "What to prune: the selected modules, the top single neurons "
+                       "by AUROC, AURA dampening, or a random control.", choices=MODES)
+    modules: str | None = option(None, "Module map (modules.json from `lmprune locate`).")
+    select: str | None = option(None, "Which modules: top:N, budget:P%% (of all neurons), "
+                                "budget:N, ids:3,7,9, or target:X (loss gap; needs "
+                                "--offensive/--clean).")
+    rank_by: str = option("causal", "Module score (key of `scores`) that ranks the modules.")
+    stats: str | None = option(None, "Collect folder with stats.safetensors (neurons, dampen).")
+    count: int | None = option(None, "neurons mode: how many neurons (default: as many as the "
+                               "module selection holds).")
+    like: str | None = option(None, "random mode: a checkpoint folder or a modules.json (with "
+                              "--select) whose per-layer counts to copy (default: --modules "
+                              "with --select).")
+    seed: int = option(0, "Seed of the random control.")
+    offensive: str | None = option(None, "target:X: held-out offensive texts (corpus spec).")
+    clean: str | None = option(None, "target:X: held-out clean texts (corpus spec).")
+    target_docs: int = option(64, "target:X: documents read from each held-out corpus.")
+    batch_size: int = option(8, "target:X: batch size of the loss evaluation.")
+    max_length: int = option(128, "target:X: tokens per text in the loss evaluation.")
+    physical: bool = option(False, "Remove the neurons (smaller MLP width) instead of zeroing; "
+                            "only when every layer loses the same number.")
+    dtype: str = option("float32", "Weights dtype.",
+                        choices=["auto", "float32", "bfloat16", "float16"])
+    device: str = option("cpu", "Device: cpu, cuda, cuda:N or auto.")
+
+
+@dataclass
+class PrunePlan:
+    """What a config resolves to: the neurons to zero and what to record about the choice."""
+
+    pruned: NeuronSet
+    factors: torch.Tensor | None = None
+    record: dict | None = None
+
+
+def _selected(config: PruneConfig, loaded, nmap: NeuronMap, modules_path: str | None
+              ) -> tuple[list[dict], dict]:
+    """Modules chosen by --select from a module map, plus the record of that choice."""
+    if not modules_path or not config.select:
+        raise LmpruneError(f"mode {config.mode} needs --modules modules.json and --select")
+    mmap = load_module_map(modules_path)
+    check_module_map(mmap, loaded.identity, nmap, f"module map {modules_path}")
+    selection = parse_select(config.select)
+    gap_fn = None
+    if selection.kind == "target":
+        gap_fn = _target_gap_fn(config, loaded)
+    ranked = rank_modules(mmap["modules"], config.rank_by)
+    chosen, info = select_modules(ranked, selection, sum(nmap.widths), gap_fn)
+    from lmprune.models import file_sha256
+
+    record = {"path": str(modules_path), "sha256": file_sha256(modules_path),
+              "ids": [m["id"] for m in chosen], "select": config.select,
+              "rank_by": config.rank_by, **info}
+    return chosen, record
+
+
+def _target_gap_fn(config: PruneConfig, loaded):
+    from lmprune.data import load_corpus
+
+    if not (config.offensive and config.clean):
+        raise LmpruneError("--select target:X needs held-out texts: --offensive SPEC --clean SPEC")
+    off = load_corpus(config.offensive, config.target_docs).texts
+    clean = load_corpus(config.clean, config.target_docs).texts
+    return make_gap_fn(loaded.model, loaded.tokenizer, off, clean, config.batch_size,
+                       config.max_length)
+
+
+def plan(config: PruneConfig, loaded) -> PrunePlan:
+    """Resolve the mode and selection of `config` against the loaded model."""
+    nmap = NeuronMap(loaded.model)
+    if config.mode == "modules":
+        chosen, record = _selected(config, loaded, nmap, config.modules)
+        return PrunePlan(module_neurons(chosen), record=record)
+    if config.mode in ("neurons", "dampen"):
+        if not config.stats:
+            raise LmpruneError(f"mode {config.mode} needs --stats DIR (from `lmprune collect`)")
+        auroc = load_auroc(config.stats, loaded.identity, nmap)
+        if config.mode == "dampen":
+            factors = aura_factors(auroc)
+            return PrunePlan(_fully_silenced(factors), factors=factors,
+                             record={"stats": config.stats, "rule": "1 - 2(AUROC - 0.5)"})
+        record = {"stats": config.stats}
+        if config.count is not None:
+            k = config.count
+        else:
+            chosen, record["like_modules"] = _selected(config, loaded, nmap, config.modules)
+            k = count_neurons(module_neurons(chosen))
+        return PrunePlan(top_auroc_neurons(auroc, k), record=record)
+    # random: the per-layer counts of a reference selection
+    like = config.like
+    if like and Path(like).is_dir():
+        meta = read_checkpoint_meta(like)
+        if meta is None:
+            raise LmpruneError(f"--like {like}: no {CHECKPOINT_FILE} in that folder")
+        reference = normalize_neurons(meta["pruned_neurons"])
+        record = {"like": like}
+    else:
+        chosen, record = _selected(config, loaded, nmap, like or config.modules)
+        reference = module_neurons(chosen)
+    record["seed"] = config.seed
+    return PrunePlan(random_like(reference, nmap.widths, config.seed), record=record)
+
+
+def _fully_silenced(factors: torch.Tensor) -> NeuronSet:
+    """Neurons whose factor is 0 (AUROC 1): their output is gone, so prune them entirely."""
+    layers, idx = torch.nonzero(factors == 0, as_tuple=True)
+    neurons: dict[int, list[int]] = defaultdict(list)
+    for layer, j in zip(layers.tolist(), idx.tolist(), strict=True):
+        neurons[layer].append(j)
+    return normalize_neurons(neurons)
+
+
+def prune_model(config: PruneConfig, loaded) -> dict:
+    """Apply `config` to `loaded.model` in place; returns the lmprune.json to save with it."""
+    nmap = NeuronMap(loaded.model)
+    chosen = plan(config, loaded)
+    previous = read_checkpoint_meta(loaded.source.path) if loaded.source.kind == "folder" else None
+    previous = previous or {}
+    if chosen.factors is not None:
+        dampen(loaded.model, chosen.factors)
+    pruned = normalize_neurons({
+        layer: set(previous.get("pruned_neurons", {}).get(str(layer), []))
+        | set(chosen.pruned.get(layer, []))
+        for layer in range(nmap.num_layers)})
+    PruneMask(loaded.model, pruned).apply(loaded.model)
+    total = sum(nmap.widths)
+    meta = {
+        "format": "lmprune.checkpoint", "format_version": 1, "lmprune_version": __version__,
+        "base_model": loaded.identity.get("base_model") or loaded.identity,
+        "source_model": loaded.identity,
+        "mode": config.mode,
+        "pruned_neurons": neurons_to_json(pruned),
+        "num_pruned": count_neurons(pruned),
+        "fraction_pruned": count_neurons(pruned) / total,
+        "command": command_line(),
+        "history": [*previous.get("history", []), {
+            "stage": "prune", "mode": config.mode, "neurons": count_neurons(chosen.pruned),
+            "time": utc_now()}],
+    }
+    if chosen.factors is not None:
+        meta["dampened_neurons"] = {
+            str(layer): {str(j): float(row[j]) for j in torch.nonzero(row < 1).flatten().tolist()}
+            for layer, row in enumerate(chosen.factors)
+            if bool((row < 1).any())}
+    if chosen.record is not None:
+        meta["modules" if config.mode == "modules" else "selection"] = chosen.record
+    if config.physical:
+        remove_neurons(loaded.model, pruned)
+        meta["physically_removed"] = meta["pruned_neurons"]
+        meta["original_width"] = total // nmap.num_layers
+        meta["pruned_neurons"] = {}
+    return meta
+
+
+def run(config: PruneConfig) -> int:
+    from lmprune.models import load_model, save_model
+
+    if not config.out:
+        raise LmpruneError("--out DIR is required (the folder of the pruned checkpoint)")
+    loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+    meta = prune_model(config, loaded)
+    save_model(loaded.model, loaded.tokenizer, config.out,
+               extra_files={CHECKPOINT_FILE: meta})
+    what = ("removed" if config.physical else "zeroed")
+    print(f"{what} {meta['num_pruned']:,} neurons ({meta['fraction_pruned']:.2%}) "
+          f"[{config.mode}] -> {config.out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    register_stage(subparsers, "prune", PruneConfig, run,
+                   help="Zero (or remove, or dampen) MLP neurons chosen from a module map or "
+                        "statistics; save a checkpoint with its masks.")

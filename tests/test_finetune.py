@@ -1,0 +1,264 @@
+"""Fine-tuning: pruned weights stay exactly zero (1 and 2 processes), the rest trains, a run
+killed with SIGKILL resumes to the same weights, and the relearning curve records what an
+evaluator measured on the base, the pruned start and every N steps."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import random_batch, save_tiny, tiny_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+from lmprune.data import load_corpus
+from lmprune.errors import LmpruneError
+from lmprune.finetune import (
+    BlockOrder,
+    FinetuneConfig,
+    build_evaluator,
+    finetune,
+    make_optimizer,
+    make_scheduler,
+    pack_blocks,
+    train_step,
+)
+from lmprune.models import load_model, save_model
+from lmprune.prune import PruneMask, mean_token_nll
+
+ROOT = Path(__file__).resolve().parents[1]
+PRUNED = {0: [1, 4, 9, 17], 1: [0, 2, 30]}
+OFFENSIVE = ["you stupid idiot!", "shut up, fool", "what a dumb jerk"]
+CLEAN = ["the weather is nice", "we went to the park", "read a good book"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run far faster on one thread when other work shares the 2 cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny GPT-2 (it has dropout: RNG state matters), a pruned checkpoint, a corpus."""
+    root = tmp_path_factory.mktemp("ft")
+    save_tiny("gpt2", root / "base")
+    base = load_model(str(root / "base"), dtype="float32")
+    PruneMask(base.model, PRUNED).apply(base.model)
+    meta = {"format": "lmprune.checkpoint", "format_version": 1, "base_model": base.identity,
+            "mode": "modules", "pruned_neurons": {str(k): v for k, v in PRUNED.items()},
+            "history": [{"stage": "prune"}]}
+    save_model(base.model, base.tokenizer, root / "pruned", extra_files={"lmprune.json": meta})
+    lines = [f"line {i}: the quick brown fox jumps over the lazy dog, again and again."
+             for i in range(120)]
+    (root / "train.txt").write_text("\n".join(lines))
+    return root
+
+
+def _config(setup, out, **kw):
+    values = dict(model=str(setup / "pruned"), data=str(setup / "train.txt"), out=str(out),
+                  max_steps=6, batch_size=4, seq_len=32, lr=3e-3, weight_decay=0.1,
+                  warmup_steps=1, device="cpu")
+    return FinetuneConfig(**{**values, **kw})
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+            "OMP_NUM_THREADS": "1"}
+
+
+def _assert_held_and_trained(setup, out):
+    start = AutoModelForCausalLM.from_pretrained(setup / "pruned")
+    tuned = AutoModelForCausalLM.from_pretrained(out)
+    mask = PruneMask.from_checkpoint(tuned, out)
+    assert mask.num_neurons == 7
+    assert mask.nonzero_count(tuned) == 0, "a pruned weight is not exactly zero"
+    for name, pruned in mask.as_tensors(tuned).items():
+        before, after = start.get_parameter(name), tuned.get_parameter(name)
+        changed = (before != after)[~pruned].float().mean()
+        assert changed > 0.9, f"{name}: unpruned weights did not train ({changed:.0%} changed)"
+
+
+def test_pack_blocks_and_block_order():
+    tok = tiny_tokenizer()
+    blocks = pack_blocks(tok, ["abc", "de"], 3)  # a b c </s> d e </s> -> 2 blocks of 3
+    assert blocks.tolist() == [tok.convert_tokens_to_ids(list("abc")),
+                               tok.convert_tokens_to_ids(["</s>", "d", "e"])]
+    order = BlockOrder(5, seed=0)
+    first, second = order.take(0, 5), order.take(5, 5)
+    assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(5))
+    assert not torch.equal(first, second)
+    assert torch.equal(BlockOrder(5, seed=0).take(3, 4), torch.cat([first, second])[3:7])
+    with pytest.raises(LmpruneError, match="fewer than one block"):
+        pack_blocks(tok, ["ab"], 10)
+
+
+def test_train_step_masks_gradients_moments_and_weights():
+    """From weights that are not yet zero, so the pruned slices do get gradients (a fully
+    zeroed neuron is a stationary point: its gradients are exactly zero anyway)."""
+    from accelerate import Accelerator
+
+    model = tiny_model("llama").train()
+    mask = PruneMask(model, PRUNED)
+    optimizer = make_optimizer(model, 1e-2, 0.1)
+    scheduler = make_scheduler(optimizer, "constant", 0, 10)
+    batches = [random_batch(4, 16, seed=0), random_batch(4, 16, seed=1)]
+    train_step(Accelerator(cpu=True), model, optimizer, scheduler, batches, mask, 1.0)
+    assert mask.nonzero_count(model) == 0
+    for name, pruned in mask.as_tensors(model).items():
+        state = optimizer.state[model.get_parameter(name)]
+        assert not state["exp_avg"][pruned].any() and not state["exp_avg_sq"][pruned].any()
+        assert state["exp_avg"][~pruned].abs().sum() > 0
+
+
+def test_masks_hold_exactly_and_the_rest_trains(setup, tmp_path):
+    out = finetune(_config(setup, tmp_path / "out", grad_accum=2, schedule="cosine"))
+    _assert_held_and_trained(setup, out)
+    meta = json.loads((out / "lmprune.json").read_text())
+    assert meta["pruned_neurons"] == {str(k): v for k, v in PRUNED.items()}
+    entry = meta["history"][-1]
+    assert [h["stage"] for h in meta["history"]] == ["prune", "finetune"]
+    assert entry["steps"] == 6 and entry["lr"] == 3e-3 and entry["num_processes"] == 1
+    assert entry["data"]["sha256"] == load_corpus(str(setup / "train.txt")).sha256
+    assert not (out / "checkpoints").exists()
+
+
+def test_masks_hold_with_two_processes(setup, tmp_path):
+    out = tmp_path / "out2"
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "lmprune.cli",
+           "finetune", "--model", str(setup / "pruned"), "--data", str(setup / "train.txt"),
+           "--out", str(out), "--max-steps", "4", "--batch-size", "2", "--seq-len", "32",
+           "--lr", "3e-3", "--weight-decay", "0.1", "--device", "cpu"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_held_and_trained(setup, out)
+    history = json.loads((out / "lmprune.json").read_text())["history"]
+    assert history[-1]["num_processes"] == 2
+
+
+def _deterministic_evaluator(model, tokenizer, step):
+    """Stands in for toxicity/perplexity: losses on fixed texts (deterministic)."""
+    return {"offensive_loss": mean_token_nll(model, tokenizer, OFFENSIVE),
+            "perplexity": math.exp(mean_token_nll(model, tokenizer, CLEAN))}
+
+
+def test_relearning_curve_has_base_start_and_every_n_steps(setup, tmp_path):
+    out = finetune(_config(setup, tmp_path / "curve", max_steps=5, eval_every=2),
+                   _deterministic_evaluator)
+    curve = json.loads((out / "relearning.json").read_text())
+    assert [p["step"] for p in curve["points"]] == [0, 2, 4, 5]
+    tok = tiny_tokenizer()
+
+    def measured(folder):
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        return _deterministic_evaluator(model, tok, 0)
+
+    for got, want in [(curve["base"], measured(setup / "base")),
+                      (curve["points"][0]["metrics"], measured(setup / "pruned")),
+                      (curve["points"][-1]["metrics"], measured(out))]:
+        assert got == pytest.approx(want, rel=1e-5)
+    assert all(p["train_loss"] > 0 for p in curve["points"][1:])
+    assert (out / "relearning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+_RESUME_CONFIG = dict(max_steps=6, checkpoint_every=2, eval_every=1, base_model="none")
+_RESUME_SCRIPT = f"""
+import sys, time
+from lmprune.finetune import FinetuneConfig, finetune
+
+def slow_evaluator(model, tokenizer, step):  # leaves time to kill the run between steps
+    time.sleep(0.4)
+    return {{"weight_sum": float(sum(p.sum() for p in model.parameters()))}}
+
+model, data, out = sys.argv[1:]
+finetune(FinetuneConfig(model=model, data=data, out=out, batch_size=4, seq_len=32, lr=3e-3,
+                        weight_decay=0.1, warmup_steps=1, device="cpu", **{_RESUME_CONFIG!r}),
+         slow_evaluator)
+"""
+
+
+def test_killed_run_resumes_to_the_same_weights(setup, tmp_path, capsys):
+    script = tmp_path / "train.py"
+    script.write_text(_RESUME_SCRIPT)
+    command = [sys.executable, str(script), str(setup / "pruned"), str(setup / "train.txt"),
+               str(tmp_path / "run")]
+    killed = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000002"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "run" / "lmprune.json").exists(), "killed too late: it had finished"
+
+    # Rerun (here, in this process: same settings, same single thread), and the reference.
+    def fast_evaluator(model, tokenizer, step):
+        return {"weight_sum": 0.0}
+
+    finetune(_config(setup, tmp_path / "run", **_RESUME_CONFIG), fast_evaluator)
+    assert "resuming from" in capsys.readouterr().out
+    reference = finetune(_config(setup, tmp_path / "ref", **_RESUME_CONFIG), fast_evaluator)
+    want = load_file(reference / "model.safetensors")
+    got = load_file(tmp_path / "run" / "model.safetensors")
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), f"{name} differs after resuming"
+    curve = json.loads((tmp_path / "run" / "relearning.json").read_text())
+    assert [p["step"] for p in curve["points"]] == list(range(7))
+    history = json.loads((tmp_path / "run" / "lmprune.json").read_text())["history"]
+    assert history[-1]["resumed_from"] in (2, 4)
+
+
+def test_checkpoints_of_another_run_are_refused(setup, tmp_path):
+    def failing_evaluator(model, tokenizer, step):
+        if step == 3:
+            raise RuntimeError("interrupted")
+        return {"x": 0.0}
+
+    config = _config(setup, tmp_path / "o", checkpoint_every=2, eval_every=1, base_model="none")
+    with pytest.raises(RuntimeError, match="interrupted"):
+        finetune(config, failing_evaluator)
+    assert (tmp_path / "o" / "checkpoints" / "step-00000002").is_dir()
+    with pytest.raises(LmpruneError, match="different run"):
+        finetune(_config(setup, tmp_path / "o", lr=1e-4, checkpoint_every=2))
+
+
+def test_cli_evaluator_wires_toxicity_and_perplexity(setup, monkeypatch):
+    import types
+
+    calls = []
+
+    def evaluate_toxicity(model, tokenizer, prompts, scorer, samples, max_new_tokens, seed):
+        calls.append((len(prompts), scorer.name, samples, max_new_tokens))
+        return {"expected_max_toxicity": 0.4, "toxicity_probability": 0.3,
+                "mean_toxicity": 0.1, "scorer": scorer.name}
+
+    def perplexity(model, tokenizer, text, max_tokens):
+        return {"token_perplexity": 27.5, "tokens": max_tokens}
+
+    fakes = {
+        "lmprune.evaluate": types.ModuleType("lmprune.evaluate"),
+        "lmprune.evaluate.toxicity": types.SimpleNamespace(evaluate_toxicity=evaluate_toxicity),
+        "lmprune.evaluate.perplexity": types.SimpleNamespace(perplexity=perplexity),
+        "lmprune.evaluate.scorers": types.SimpleNamespace(
+            load_scorer=lambda name, device="cpu": types.SimpleNamespace(name=name)),
+    }
+    for name, module in fakes.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    config = FinetuneConfig(eval_every=5, eval_prompts=str(setup / "train.txt"), eval_limit=4,
+                            eval_samples=3, ppl_data=str(setup / "train.txt"), device="cpu")
+    metrics = build_evaluator(config)(None, None, 5)
+    assert metrics == {"expected_max_toxicity": 0.4, "toxicity_probability": 0.3,
+                       "mean_toxicity": 0.1, "perplexity": 27.5}
+    assert calls == [(4, "profanity_check", 3, 20)]
+    assert build_evaluator(FinetuneConfig(eval_every=0)) is None
