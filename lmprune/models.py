@@ -310,3 +310,32 @@ def count_parameters(model: nn.Module) -> int:
 def _first_line(err: Exception) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
+
+
+def check_identity(recorded: dict, identity: dict, nmap, where: str) -> None:
+    """Refuse a module map or stats folder made for another model than the loaded one.
+
+    Compares model_type, layer count and width, and the weights hash or revision when both sides
+    have one. A checkpoint lmprune wrote also matches what was made for its base model.
+    """
+    model_type = recorded.get("model_type")
+    if model_type and model_type != nmap.model_type:
+        raise LmpruneError(f"{where} was made for a {model_type} model, but the loaded model is "
+                           f"{nmap.model_type}: use the module map of this model")
+    layers = recorded.get("num_layers")
+    if layers is not None and layers != nmap.num_layers:
+        raise LmpruneError(f"{where} was made for {layers} layers, the loaded model has "
+                           f"{nmap.num_layers}: use the module map of this model")
+    width = recorded.get("neurons_per_layer")
+    if isinstance(width, list):
+        width = width[0]
+    if width is not None and width != nmap.width(0):
+        raise LmpruneError(f"{where} was made for {width} neurons per layer, the loaded model "
+                           f"has {nmap.width(0)}: use the module map of this model")
+    lineage = [identity] + ([identity["base_model"]] if identity.get("base_model") else [])
+    for key in ("weights_sha256", "revision"):
+        theirs = recorded.get(key)
+        ours = [ident.get(key) for ident in lineage if ident.get(key)]
+        if theirs and ours and theirs not in ours:
+            raise LmpruneError(f"{where} was made for another model ({key} {theirs[:12]}..., "
+                               f"loaded {ours[0][:12]}...): collect and locate on this model")

@@ -22,6 +22,7 @@ from lmprune import __version__
 from lmprune.arch import NeuronMap
 from lmprune.config import option, register_stage
 from lmprune.errors import LmpruneError
+from lmprune.models import check_identity
 
 CHECKPOINT_FILE = "lmprune.json"
 MODES = ["modules", "neurons", "dampen", "random"]
@@ -179,39 +180,6 @@ def load_module_map(path: str | Path) -> dict:
     return mmap
 
 
-def _same(a, b) -> bool:
-    return a is None or b is None or a == b
-
-
-def check_identity(recorded: dict, identity: dict, nmap: NeuronMap, where: str) -> None:
-    """Refuse a module map or stats folder made for another model than the loaded one.
-
-    Compares model_type, layer count and width, and the weights hash or revision when both sides
-    have one. A checkpoint lmprune wrote also matches what was made for its base model.
-    """
-    model_type = recorded.get("model_type")
-    if model_type and model_type != nmap.model_type:
-        raise LmpruneError(f"{where} was made for a {model_type} model, but the loaded model is "
-                           f"{nmap.model_type}: use the module map of this model")
-    layers = recorded.get("num_layers")
-    if layers is not None and layers != nmap.num_layers:
-        raise LmpruneError(f"{where} was made for {layers} layers, the loaded model has "
-                           f"{nmap.num_layers}: use the module map of this model")
-    width = recorded.get("neurons_per_layer")
-    if isinstance(width, list):
-        width = width[0]
-    if width is not None and width != nmap.width(0):
-        raise LmpruneError(f"{where} was made for {width} neurons per layer, the loaded model "
-                           f"has {nmap.width(0)}: use the module map of this model")
-    lineage = [identity] + ([identity["base_model"]] if identity.get("base_model") else [])
-    for key in ("weights_sha256", "revision"):
-        theirs = recorded.get(key)
-        ours = [ident.get(key) for ident in lineage if ident.get(key)]
-        if theirs and ours and theirs not in ours:
-            raise LmpruneError(f"{where} was made for another model ({key} {theirs[:12]}..., "
-                               f"loaded {ours[0][:12]}...): collect and locate on this model")
-
-
 def check_module_map(mmap: dict, identity: dict, nmap: NeuronMap, where: str) -> None:
     recorded = dict(mmap.get("model") or {})
     for key in ("num_layers", "neurons_per_layer"):
@@ -324,52 +292,19 @@ def select_modules(ranked: list[dict], selection: Selection, total_neurons: int,
 # Losses for target:X
 
 
-@torch.no_grad()
-def mean_token_nll(model: nn.Module, tokenizer, texts: list[str], batch_size: int = 8,
-                   max_length: int = 128) -> float:
-    """Mean next-token negative log-likelihood over all real tokens of `texts` (padding masked)."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                        truncation=True, max_length=max_length, padding_side="right")
-        ids, attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-        logits = model(input_ids=ids, attention_mask=attn).logits.float()  # [batch, pos, vocab]
-        targets = ids[:, 1:].masked_fill(attn[:, 1:] == 0, -100)
-        nll = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets,
-                                          ignore_index=-100, reduction="sum")
-        total += nll.item()
-        count += int((targets != -100).sum())
-    if count == 0:
-        raise LmpruneError("no tokens to score: the texts are empty after tokenization")
-    return total / count
-
-
 def make_gap_fn(model: nn.Module, tokenizer, offensive: list[str], clean: list[str],
                 batch_size: int = 8, max_length: int = 128):
     """gap(neurons) = (loss_off(pruned) - loss_off(base)) - (loss_clean(pruned) - loss_clean(base)),
     with the neurons silenced by zeroing their activations (same output as zeroed weights)."""
-    from lmprune.hooks import NeuronHooks
+    from lmprune.locate.score import CausalScorer, TokenBatches
 
-    def losses():
-        return (mean_token_nll(model, tokenizer, offensive, batch_size, max_length),
-                mean_token_nll(model, tokenizer, clean, batch_size, max_length))
-
-    base_off, base_clean = losses()
-
-    def gap(neurons: NeuronSet) -> float:
-        index = {layer: torch.tensor(idx) for layer, idx in neurons.items()}
-
-        def silence(layer, acts):  # acts [batch, pos, d_mlp]
-            if layer in index:
-                return acts.index_fill(-1, index[layer].to(acts.device), 0.0)
-            return None
-
-        with NeuronHooks(model, silence):
-            off, clean_loss = losses()
-        return (off - base_off) - (clean_loss - base_clean)
-
-    return gap
+    device = str(next(model.parameters()).device)
+    scorer = CausalScorer(
+        model,
+        TokenBatches.build(tokenizer, offensive, max_length, batch_size, device),
+        TokenBatches.build(tokenizer, clean, max_length, batch_size, device),
+    )
+    return lambda neurons: scorer.effect(neurons)["causal"]
 
 
 # --------------------------------------------------------------------------------------------

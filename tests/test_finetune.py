@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import random_batch, save_tiny, tiny_model, tiny_tokenizer
+from tiny_models import mean_token_nll, random_batch, save_tiny, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from lmprune.data import load_corpus
@@ -30,7 +30,7 @@ from lmprune.finetune import (
     train_step,
 )
 from lmprune.models import load_model, save_model
-from lmprune.prune import PruneMask, mean_token_nll
+from lmprune.prune import PruneMask
 
 ROOT = Path(__file__).resolve().parents[1]
 PRUNED = {0: [1, 4, 9, 17], 1: [0, 2, 30]}

@@ -13,7 +13,7 @@ from lmprune.cli import main
 from lmprune.errors import LmpruneError
 from lmprune.locate.cluster import spectral
 from lmprune.locate.graph import correlation_from_gram, knn_affinity, ncut, shuffle_weights
-from lmprune.locate.run import LocateConfig, check_same_model, locate
+from lmprune.locate.run import LocateConfig, locate
 
 
 def test_correlation_from_gram_equals_corrcoef_and_masks_dead_neurons():
@@ -124,11 +124,17 @@ def test_global_scope_uses_the_candidates(planted):
     assert index <= members
 
 
-def test_stats_for_another_model_are_refused():
+def test_stats_for_another_model_are_refused(planted, tmp_path):
+    manifest = json.loads((planted / "stats" / "manifest.json").read_text())
+    manifest["model"]["weights_sha256"] = "0" * 64
+    other = tmp_path / "stats"
+    other.mkdir()
+    for name in ("stats.safetensors", "coact.safetensors"):
+        (other / name).write_bytes((planted / "stats" / name).read_bytes())
+    (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(LmpruneError, match="made for another model"):
-        check_same_model({"model_type": "llama", "weights_sha256": "a" * 64, "name": "x"},
-                         {"model_type": "llama", "weights_sha256": "b" * 64, "name": "y"},
-                         "the stats")
+        locate(LocateConfig(stats=str(other), model=str(planted / "model"),
+                            out=str(tmp_path / "m.json")))
 
 
 def test_cli_errors_on_missing_stats(tmp_path, capsys):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny_models import random_batch, save_tiny, tiny_model, tiny_tokenizer
+from tiny_models import mean_token_nll, random_batch, save_tiny, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from lmprune.arch import NeuronMap, zero_neurons
@@ -20,7 +20,6 @@ from lmprune.prune import (
     PruneMask,
     aura_factors,
     make_gap_fn,
-    mean_token_nll,
     parse_select,
     prune_model,
     rank_modules,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 VOCAB = 96
@@ -84,3 +85,24 @@ def save_tiny(model_type: str, folder, seed: int = 0):
     from lmprune.models import save_model
 
     return save_model(tiny_model(model_type, seed), tiny_tokenizer(), folder)
+
+
+@torch.no_grad()
+def mean_token_nll(model: nn.Module, tokenizer, texts: list[str], batch_size: int = 8,
+                   max_length: int = 128) -> float:
+    """Reference: mean next-token NLL over all real tokens of `texts` (padding masked)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                        truncation=True, max_length=max_length, padding_side="right")
+        ids, attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        logits = model(input_ids=ids, attention_mask=attn).logits.float()  # [batch, pos, vocab]
+        targets = ids[:, 1:].masked_fill(attn[:, 1:] == 0, -100)
+        nll = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets,
+                                          ignore_index=-100, reduction="sum")
+        total += nll.item()
+        count += int((targets != -100).sum())
+    if count == 0:
+        raise ValueError("no tokens to score")
+    return total / count

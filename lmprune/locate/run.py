@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from lmprune import __version__
+from lmprune.arch import NeuronMap
 from lmprune.config import option, register_stage
 from lmprune.errors import LmpruneError
 from lmprune.locate.cluster import cluster, clusterability
@@ -112,7 +113,7 @@ def _heldout(spec: str, used: int, count: int) -> tuple[list[str], dict]:
 
 
 def locate(cfg: LocateConfig) -> dict:
-    from lmprune.models import load_model
+    from lmprune.models import check_identity, load_model
 
     started = time.time()
     if not cfg.stats:
@@ -120,7 +121,9 @@ def locate(cfg: LocateConfig) -> dict:
     manifest, stats, coact = read_stats(cfg.stats)
     loaded = load_model(cfg.model or manifest["model"]["name"], dtype=cfg.dtype,
                         device=cfg.device)
-    check_same_model(manifest["model"], loaded.identity, f"the stats in {cfg.stats}")
+    recorded = dict(manifest["model"], num_layers=manifest.get("num_layers"),
+                    neurons_per_layer=manifest.get("neurons_per_layer"))
+    check_identity(recorded, loaded.identity, NeuronMap(loaded.model), f"the stats in {cfg.stats}")
     timings = {}
 
     t0 = time.time()
@@ -254,17 +257,6 @@ def _aggregate(per_graph: dict[int, dict]) -> dict:
     }
 
 
-def check_same_model(expected: dict, actual: dict, what: str) -> None:
-    """Refuse to apply stats or a module map to another model than the one it was made for."""
-    for key in ("model_type", "weights_sha256", "revision"):
-        if expected.get(key) and actual.get(key) and expected[key] != actual[key]:
-            raise LmpruneError(
-                f"{what} were made for another model ({key} {str(expected[key])[:16]} != "
-                f"{str(actual[key])[:16]} of '{actual.get('name')}'): use the model they name, "
-                f"'{expected.get('name')}', or collect again"
-            )
-
-
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -291,17 +283,4 @@ def run(cfg: LocateConfig) -> int:
 def register(subparsers) -> None:
     register_stage(subparsers, "locate", LocateConfig, run,
                    "Cluster co-activation graphs into modules; score them against controls.")
-
-
-def load_module_map(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise LmpruneError(f"module map not found: {path} (write one with `lmprune locate`)")
-    data = json.loads(path.read_text())
-    if data.get("format") != "lmprune.modules":
-        raise LmpruneError(f"{path} is not an lmprune module map")
-    if data.get("format_version", 0) > MODULES_FORMAT_VERSION:
-        raise LmpruneError(f"{path} has module-map format {data['format_version']}; this "
-                           f"lmprune reads up to {MODULES_FORMAT_VERSION}: upgrade lmprune")
-    return data
 
