@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _stage_registrars():
-    return []
+    from lmprune import collect
+
+    return [collect.register]
 
 
 def main(argv: list[str] | None = None) -> int:
