@@ -155,7 +155,7 @@ class _Batch:
         return int(self.valid.numel())
 
 
-class _Plan:
+class Plan:
     """Tokenized corpora and the fixed order of batches (longest documents first)."""
 
     def __init__(self, token_lists: list[list[list[int]]], cfg: CollectConfig, pad_id: int):
@@ -274,7 +274,7 @@ def parse_fire_threshold(spec: str, gated: bool) -> tuple[str, float]:
                        f"not '{spec}'")
 
 
-class _FirstPass:
+class FirstPass:
     """Hook function and per-process sums of the first pass (both corpora)."""
 
     def __init__(self, num_layers: int, width: int, device, fire_mode: str,
@@ -320,7 +320,8 @@ class _FirstPass:
         self.lengths = batch.lengths.to(dev, torch.float64).unsqueeze(1)  # [B, 1]
         f32 = dict(dtype=torch.float32, device=dev)
         self.b_sumsq = torch.empty(self.L, self.W, **f32)
-        self.b_fires = torch.empty(self.L, self.W, dtype=torch.int64, device=dev)
+        self.b_fires = torch.empty(self.L, self.W, **f32)  # counts <= B*T: exact in float32
+        self.scratch = torch.empty(self.valid.numel(), self.W, **f32)  # reused by every layer
         self.b_max = torch.empty(self.L, n_docs, self.W, **f32)
         self.b_docsum = torch.empty(self.L, n_docs, self.W, **f32)
         self.b_coact = torch.empty(self.L, self.coact.numel(), self.W, **f32)
@@ -329,10 +330,13 @@ class _FirstPass:
         a = acts.float()  # [B, T, W]
         flat = a.reshape(-1, self.W)  # [B*T, W]
         tokens = flat.index_select(0, self.valid) if self.padded else flat  # [n, W]
-        centered = tokens - self.shift[layer]
-        self.b_sumsq[layer] = torch.linalg.vector_norm(centered, dim=0).square_()
-        over = tokens.abs() if self.fire_mode == "relative" else tokens
-        torch.sum(over > self.threshold[layer], dim=0, out=self.b_fires[layer])
+        # Each step is one pass over [n, W] into the reused scratch buffer (no allocations).
+        scratch = self.scratch
+        torch.sub(tokens, self.shift[layer], out=scratch).square_()
+        torch.sum(scratch, dim=0, out=self.b_sumsq[layer])
+        over = torch.abs(tokens, out=scratch) if self.fire_mode == "relative" else tokens
+        torch.gt(over, self.threshold[layer], out=scratch)  # 1.0 where the neuron fires
+        torch.sum(scratch, dim=0, out=self.b_fires[layer])
         torch.bmm(self.mask_f, a, out=self.b_docsum[layer].unsqueeze(1))  # [B, 1, W]
         masked = a + self.pad_bias if self.padded else a
         torch.amax(masked, dim=1, out=self.b_max[layer])  # [B, W]
@@ -349,7 +353,7 @@ class _FirstPass:
         doc_max = self.b_max.double()
         s[f"{c}.sum"] += doc_sums.sum(1)
         s[f"{c}.sumsq_shifted"] += self.b_sumsq
-        s[f"{c}.fires"] += self.b_fires
+        s[f"{c}.fires"] += self.b_fires.long()
         s[f"{c}.pmax_sum"] += doc_max.sum(1)
         s[f"{c}.pmax_sumsq"] += doc_max.square().sum(1)
         s[f"{c}.pmean_sum"] += (doc_sums / self.lengths).sum(1)
@@ -385,6 +389,32 @@ class _FirstPass:
 
 class _StopForward(Exception):
     """Raised by the last needed hook: nothing after it (final norm, LM head) is computed."""
+
+
+def stopping_hooks(model, nmap: NeuronMap, fn, layers: list[int] | None = None) -> NeuronHooks:
+    """NeuronHooks calling `fn(layer, acts)` that end the forward pass after the last layer read:
+    collection needs no logits, so the last output projection, final norm and LM head are
+    skipped (run the batch with `forward_batch`)."""
+    last = max(layers) if layers else nmap.num_layers - 1
+
+    def wrapped(layer, acts):
+        fn(layer, acts)
+        if layer == last:
+            raise _StopForward
+
+    return NeuronHooks(model, wrapped, layers=layers, neuron_map=nmap)
+
+
+def forward_batch(model, batch: _Batch, device) -> None:
+    """Run a padded batch with explicit positions (a token's index within its document), so left
+    and right padding give the same activations."""
+    kwargs = {"attention_mask": batch.attention_mask.to(device), "use_cache": False}
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        kwargs["position_ids"] = batch.position_ids.to(device)
+    try:
+        model(batch.input_ids.to(device), **kwargs)
+    except _StopForward:
+        pass
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -554,12 +584,11 @@ class Collector:
                 raise LmpruneError(f"corpus '{corpus.spec}' has documents without tokens (or "
                                    f"--max-tokens keeps none)")
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        self.plan = _Plan(docs, cfg, pad_id)
+        self.plan = Plan(docs, cfg, pad_id)
         self.fire_mode, self.fire_frac = parse_fire_threshold(cfg.fire_threshold,
                                                               _layer_gated(self.nmap))
         self.exact = [len(d) <= cfg.exact_pooled_cap for d in docs]
         self.out = Path(cfg.out)
-        self.takes_positions = "position_ids" in inspect.signature(self.model.forward).parameters
         self.kill_after = int(os.environ.get(_KILL_ENV, "0"))
         self.batches_done = 0
 
@@ -585,23 +614,10 @@ class Collector:
 
     # --- forward passes
     def _forward(self, batch: _Batch) -> None:
-        kwargs = {"attention_mask": batch.attention_mask.to(self.device), "use_cache": False}
-        if self.takes_positions:
-            kwargs["position_ids"] = batch.position_ids.to(self.device)
-        try:
-            self.model(batch.input_ids.to(self.device), **kwargs)
-        except _StopForward:
-            pass
+        forward_batch(self.model, batch, self.device)
 
     def _hooks(self, fn, layers: list[int] | None = None) -> NeuronHooks:
-        last = max(layers) if layers else self.L - 1
-
-        def wrapped(layer, acts):
-            fn(layer, acts)
-            if layer == last:
-                raise _StopForward
-
-        return NeuronHooks(self.model, wrapped, layers=layers, neuron_map=self.nmap)
+        return stopping_hooks(self.model, self.nmap, fn, layers)
 
     def _calibrate(self) -> dict[str, torch.Tensor]:
         """Per-neuron constants read from fixed documents that every process reads alike (no
@@ -690,7 +706,7 @@ class Collector:
                            if k.startswith("calib.")}
         else:
             calibration = self._calibrate()
-        acc = _FirstPass(self.L, self.W, self.device, self.fire_mode, calibration,
+        acc = FirstPass(self.L, self.W, self.device, self.fire_mode, calibration,
                          self.cfg.histogram_bins)
         if saved is not None:
             acc.load(saved)
