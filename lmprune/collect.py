@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import os
 import shutil
 import signal
@@ -306,6 +307,8 @@ class FirstPass:
         self.gram = SymmetricGram(num_layers, width, device)
         self.hist_edges = hist_edges
         self.batch: _Batch | None = None
+        self.device = device
+        self._buffers: dict[str, torch.Tensor] = {}
 
     def start(self, batch: _Batch, device) -> None:
         """Per-batch buffers, filled layer by layer by the hook."""
@@ -318,13 +321,22 @@ class FirstPass:
         self.mask_f = mask.to(torch.float32).unsqueeze(1)  # [B, 1, T]
         self.pad_bias = torch.where(mask.bool(), 0.0, float("-inf")).unsqueeze(2)  # [B, T, 1]
         self.lengths = batch.lengths.to(dev, torch.float64).unsqueeze(1)  # [B, 1]
-        f32 = dict(dtype=torch.float32, device=dev)
-        self.b_sumsq = torch.empty(self.L, self.W, **f32)
-        self.b_fires = torch.empty(self.L, self.W, **f32)  # counts <= B*T: exact in float32
-        self.scratch = torch.empty(self.valid.numel(), self.W, **f32)  # reused by every layer
-        self.b_max = torch.empty(self.L, n_docs, self.W, **f32)
-        self.b_docsum = torch.empty(self.L, n_docs, self.W, **f32)
-        self.b_coact = torch.empty(self.L, self.coact.numel(), self.W, **f32)
+        self.b_sumsq = self._buffer("sumsq", self.L, self.W)
+        self.b_fires = self._buffer("fires", self.L, self.W)  # counts <= B*T: exact in float32
+        self.scratch = self._buffer("scratch", self.valid.numel(), self.W)  # reused by each layer
+        self.b_max = self._buffer("max", self.L, n_docs, self.W)
+        self.b_docsum = self._buffer("docsum", self.L, n_docs, self.W)
+        self.b_coact = self._buffer("coact", self.L, self.coact.numel(), self.W)
+
+    def _buffer(self, name: str, *shape: int) -> torch.Tensor:
+        """A float32 view [shape] of storage kept across batches (grown when a batch needs more),
+        so the hot loop allocates no large tensors."""
+        size = math.prod(shape)
+        store = self._buffers.get(name)
+        if store is None or store.numel() < size:
+            store = self._buffers[name] = torch.empty(size, dtype=torch.float32,
+                                                      device=self.device)
+        return store[:size].view(shape)
 
     def hook(self, layer: int, acts: torch.Tensor) -> None:
         a = acts.float()  # [B, T, W]
@@ -344,7 +356,8 @@ class FirstPass:
         self.b_coact[layer].sub_(self.shift[layer])
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fold the batch buffers into the sums; returns pooled (max, mean) [B, L, W] float32."""
+        """Fold the batch buffers into the sums; returns pooled (max, mean) [B, L, W] float32
+        (the max is a view of a buffer that the next batch overwrites)."""
         batch, s = self.batch, self.state
         c = CORPORA[batch.corpus]
         s[f"{c}.tokens"] += batch.tokens
