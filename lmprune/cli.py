@@ -84,10 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _stage_registrars():
-    from lmprune import finetune, hub, prune
+    from lmprune import collect, finetune, hub, prune
     from lmprune.locate import run as locate
 
-    return [locate.register, prune.register, finetune.register, hub.register]
+    return [collect.register, locate.register, prune.register, finetune.register, hub.register]
 
 
 def main(argv: list[str] | None = None) -> int:
