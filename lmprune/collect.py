@@ -486,14 +486,21 @@ def unshift(total: torch.Tensor, gram: torch.Tensor, shift: torch.Tensor, n):
     return raw_total, raw_gram
 
 
+EFFECT_CAP = 1e3  # |Cohen's d| reported for corpora separated without any spread
+
+
 def cohens_d(n1, s1, ss1, n2, s2, ss2) -> torch.Tensor:
     """Cohen's d (pooled sample standard deviation) from counts, sums and sums of squares."""
     m1, m2 = s1 / n1, s2 / n2
     var1 = (ss1 - n1 * m1 * m1) / max(n1 - 1, 1)
     var2 = (ss2 - n2 * m2 * m2) / max(n2 - 1, 1)
     pooled = (((n1 - 1) * var1 + (n2 - 1) * var2) / max(n1 + n2 - 2, 1)).clamp(min=0).sqrt()
-    d = (m1 - m2) / pooled
-    return torch.where(pooled > 0, d, torch.zeros_like(d))  # constant neurons: no effect
+    # Two corpora without spread (e.g. a neuron that is a constant on each) have no finite d:
+    # equal means give 0, different means +-EFFECT_CAP, so perfect separators rank first.
+    spread = pooled > 1e-7 * (m1.abs() + m2.abs())
+    d = (m1 - m2) / torch.where(spread, pooled, torch.ones_like(pooled))
+    separated = torch.sign(m1 - m2) * (m1 != m2) * EFFECT_CAP
+    return torch.where(spread, d.clamp(-EFFECT_CAP, EFFECT_CAP), separated)
 
 
 # ----------------------------------------------------------------------------- the run
