@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _stage_registrars():
-    return []
+    from lmprune.evaluate.command import register as register_eval
+
+    return [register_eval]
 
 
 def main(argv: list[str] | None = None) -> int:
