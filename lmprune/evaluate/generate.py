@@ -252,4 +252,5 @@ def sample_continuations(model, tokenizer, prompts: list[str], samples: int,
     """
     ids = sample_token_ids(model, tokenizer, prompts, samples, max_new_tokens, top_p,
                            temperature, seed, batch_size, progress, index_offset)
-    return [decode_continuations(tokenizer, prompt, rows) for prompt, rows in zip(prompts, ids)]
+    return [decode_continuations(tokenizer, prompt, rows)
+            for prompt, rows in zip(prompts, ids, strict=True)]

@@ -93,7 +93,7 @@ def sliding_window_nll(model, ids: list[int], max_length: int, stride: int, batc
             break
     nlls = _run_windows(model, windows, batch_size, "perplexity (sliding)", progress)
     # The guide: loss is the mean over the scored tokens; it is weighted by (targets - 1).
-    guide_sum = sum(float(n.mean()) * (t - 1) for n, t in zip(nlls, target_lengths))
+    guide_sum = sum(float(n.mean()) * (t - 1) for n, t in zip(nlls, target_lengths, strict=True))
     guide_tokens = sum(t - 1 for t in target_lengths)
     total = sum(float(n.sum()) for n in nlls)
     scored = sum(n.numel() for n in nlls)

@@ -255,7 +255,8 @@ def load_scorer(name: str, device: str = "cpu", **options) -> Scorer:
         scorer = _load_detoxify(target, device, options)
     elif kind == "hf":
         if not target:
-            raise LmpruneError("scorer hf: needs a model, e.g. hf:s-nlp/roberta_toxicity_classifier")
+            raise LmpruneError("scorer hf: needs a model, e.g. "
+                               "hf:s-nlp/roberta_toxicity_classifier")
         scorer = _load_hf(target, device, options)
     else:
         raise LmpruneError(f"unknown scorer '{name}': use profanity_check, detoxify[:VARIANT|:CKPT"
