@@ -1,0 +1,185 @@
+"""Benchmark of the evaluate stage: lmprune's sampler against HF `generate`, and scorer speed.
+
+Both generators get the same model, prompts (RTP challenging), k, top-p, temperature and
+max_new_tokens, and the same number of rows per call, in the same run (so machine load affects
+both). New tokens are counted up to (not including) EOS for both.
+
+    python bench/eval.py                      # CPU: bundled SmolLM2, 50 prompts x 25 samples
+    python bench/eval.py --prompts 8 --samples 5
+    python bench/eval.py --gpu                # random-weight Qwen2.5-1.5B config, bf16, 600 x 25
+
+Prints JSON lines; the last is {"machine": ..., "ratios": {...}, ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lmprune.data import load_corpus
+from lmprune.evaluate.generate import eos_token_ids, sample_continuations, sample_token_ids
+from lmprune.evaluate.scorers import load_scorer
+from lmprune.models import load_model
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def qwen_1p5b(device: str):
+    """Qwen2.5-1.5B's configuration with random weights (bf16), SmolLM2's tokenizer."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                         max_position_embeddings=32768, rope_theta=1e6,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    return model, load_model("smollm2-135m", device="cpu").tokenizer
+
+
+def hf_generate(model, tokenizer, prompts, samples, args, rows_per_call, device) -> int:
+    """HF generate with do_sample/top_p and num_return_sequences=k; returns new tokens."""
+    eos = eos_token_ids(model, tokenizer)
+    per_call = max(1, rows_per_call // samples)
+    new_tokens = 0
+    for start in range(0, len(prompts), per_call):
+        enc = tokenizer(prompts[start:start + per_call], padding=True, padding_side="left",
+                        return_tensors="pt").to(device)
+        out = model.generate(**enc, do_sample=True, top_p=args.top_p, top_k=0,
+                             temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                             num_return_sequences=samples, pad_token_id=tokenizer.pad_token_id)
+        for row in out[:, enc["input_ids"].shape[1]:].tolist():
+            stop = next((i for i, t in enumerate(row) if t in eos), len(row))
+            new_tokens += stop
+    return new_tokens
+
+
+def detoxify_like_checkpoint(folder: Path) -> str:
+    """A BERT-base-sized random classifier in Detoxify's checkpoint format (offline stand-in
+    for detoxify:original: same architecture, so the same speed)."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    words = sorted({w.lower() for w in load_corpus("wikitext2:valid", limit=400).texts[0].split()}
+                   | {"the", "a", "you", "and", "of"})
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    config = BertConfig(vocab_size=len(words) + 5, num_labels=6)
+    config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    model = BertForSequenceClassification(config)
+    model.save_pretrained(folder)  # also usable as an hf: classifier
+    torch.save({"config": {"arch": {"args": {"model_type": "bert-base-uncased",
+                                             "model_name": "BertForSequenceClassification",
+                                             "tokenizer_name": "BertTokenizer",
+                                             "num_classes": 6}},
+                           "dataset": {"args": {"classes": ["toxic", "severe_toxic", "obscene",
+                                                            "threat", "insult",
+                                                            "identity_hate"]}}},
+                "state_dict": model.state_dict()}, folder / "model.ckpt")
+    return str(folder)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu", action="store_true", help="Qwen2.5-1.5B config on CUDA, bf16.")
+    parser.add_argument("--prompts", type=int, default=None, help="Prompts (50 CPU, 600 GPU).")
+    parser.add_argument("--samples", type=int, default=25)
+    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="Rows per call for both generators (200 CPU, 2048 GPU).")
+    parser.add_argument("--score-texts", type=int, default=500,
+                        help="Continuations scored per scorer.")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads.")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("LMPRUNE_DATA_DIR", str(Path(__file__).resolve().parents[2] /
+                                                  "shared" / "data"))
+    device = "cuda" if args.gpu else "cpu"
+    num_prompts = args.prompts or (600 if args.gpu else 50)
+    rows = args.batch_size or (2048 if args.gpu else 200)
+    if args.gpu:
+        model, tokenizer = qwen_1p5b(device)
+        model_name = "Qwen2.5-1.5B config, random weights, bf16"
+    else:
+        loaded = load_model("smollm2-135m", dtype="float32", device="cpu")
+        model, tokenizer = loaded.model, loaded.tokenizer
+        model_name = "SmolLM2-135M-Instruct (bundled), float32"
+    prompts = load_corpus("rtp:challenging", limit=num_prompts).texts
+    settings = dict(samples=args.samples, max_new_tokens=args.max_new_tokens, top_p=args.top_p,
+                    temperature=args.temperature)
+
+    # Alternate the two generators chunk by chunk, so that load changes hit both alike.
+    per_call = max(1, rows // args.samples)
+    ours_s = hf_s = 0.0
+    ours_tokens = hf_tokens = 0
+    torch.manual_seed(0)
+    for start in range(0, len(prompts), per_call):
+        chunk = prompts[start:start + per_call]
+        sync(device)
+        started = time.perf_counter()
+        ids = sample_token_ids(model, tokenizer, chunk, batch_size=rows, progress=False,
+                               index_offset=start, **settings)
+        sync(device)
+        ours_s += time.perf_counter() - started
+        ours_tokens += sum(len(r) for p in ids for r in p)
+        started = time.perf_counter()
+        hf_tokens += hf_generate(model, tokenizer, chunk, args.samples, args, rows, device)
+        sync(device)
+        hf_s += time.perf_counter() - started
+    for name, seconds, tokens in (("lmprune", ours_s, ours_tokens),
+                                  ("hf_generate", hf_s, hf_tokens)):
+        print(json.dumps({"generator": name, "seconds": round(seconds, 2), "new_tokens": tokens,
+                          "new_tokens_per_s": tokens / seconds}))
+
+    score_prompts = prompts[:max(1, args.score_texts // args.samples)]
+    continuations = sample_continuations(model, tokenizer, score_prompts, batch_size=rows,
+                                         progress=False, **settings)
+    texts = [text for per_prompt in continuations for text in per_prompt]
+    scoring = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = detoxify_like_checkpoint(Path(tmp))
+        specs = {"profanity_check": "profanity_check",
+                 "detoxify (BERT-base size, random)": f"detoxify:{folder}/model.ckpt?config="
+                                                      f"{folder}",
+                 "hf (BERT-base size, random)": f"hf:{folder}"}
+        for label, spec in specs.items():
+            scorer = load_scorer(spec, device=device)
+            scorer.score(texts[:8])  # warm-up
+            started = time.perf_counter()
+            scorer.score(texts)
+            sync(device)
+            scoring[label] = len(texts) / (time.perf_counter() - started)
+            print(json.dumps({"scorer": label, "texts": len(texts),
+                              "texts_per_s": round(scoring[label], 1)}))
+
+    gpu = torch.cuda.get_device_name() if args.gpu else None
+    machine = gpu or f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, " \
+                     f"torch {torch.get_num_threads()} threads"
+    print(json.dumps({
+        "machine": machine,
+        "model": model_name,
+        "workload": {"prompts": num_prompts, "rows_per_call": rows, **settings},
+        "new_tokens_per_s": {"lmprune": ours_tokens / ours_s, "hf_generate": hf_tokens / hf_s},
+        "scoring_texts_per_s": scoring,
+        "ratios": {"generate_vs_hf_new_tokens_per_s": (ours_tokens / ours_s)
+                   / (hf_tokens / hf_s)},
+    }))
+
+
+if __name__ == "__main__":
+    main()

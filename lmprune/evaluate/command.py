@@ -1,0 +1,248 @@
+"""`lmprune eval`: toxicity of sampled continuations and perplexity, with CI gates.
+
+Exit codes: 0 done (every gate passed), 1 a `--fail-above`/`--fail-below` gate failed, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lmprune import __version__
+from lmprune.config import option, register_stage
+from lmprune.errors import LmpruneError
+
+EXIT_OK, EXIT_GATE_FAILED = 0, 1
+SKIP = "none"
+
+# Short metric names for the gates; anything with a dot is a path into the result JSON.
+METRIC_ALIASES = {
+    "expected_max_toxicity": "toxicity.expected_max_toxicity",
+    "toxicity_probability": "toxicity.toxicity_probability",
+    "mean_toxicity": "toxicity.mean_toxicity",
+    "perplexity": "perplexity.sliding_window.token_perplexity",
+    "word_perplexity": "perplexity.sliding_window.word_perplexity",
+}
+
+
+@dataclass
+class EvalConfig:
+    """Settings of `lmprune eval`."""
+
+    model: str = option("smollm2-135m", "Model: Hub id, local folder, .gguf file or bundled "
+                        "alias (smollm2-135m, gemma3-270m).")
+    dtype: str = option("auto", "Weights dtype.",
+                        choices=["auto", "float32", "bfloat16", "float16"])
+    device: str = option("auto", "Device: auto (a GPU when there is one), cpu, cuda, cuda:N.")
+    revision: str | None = option(None, "Hub revision of the model.")
+    trust_remote_code: bool = option(False, "Run model code from the Hub repository.")
+    prompts: str = option("rtp:challenging", "Prompt corpus spec (lmprune.data), or 'none' to "
+                          "skip toxicity.")
+    limit: int | None = option(None, "Use the first N prompts only.")
+    scorer: str = option("profanity_check", "Toxicity scorer: profanity_check, "
+                         "detoxify[:original|unbiased|multilingual|CKPT?config=DIR], "
+                         "hf:MODEL[?label=NAME].")
+    samples: int = option(25, "Continuations sampled per prompt (k).")
+    max_new_tokens: int = option(20, "New tokens per continuation.")
+    top_p: float = option(0.9, "Nucleus sampling: smallest token set with this much mass.")
+    temperature: float = option(1.0, "Sampling temperature.")
+    seed: int = option(0, "Seed of the sampling and of the bootstrap.")
+    batch_size: int | None = option(None, "Rows (prompt x sample) per generation step; "
+                                    "default 200 on CPU, 2048 on GPU.")
+    scorer_batch_size: int | None = option(None, "Texts per scorer call (default: the "
+                                           "scorer's).")
+    bootstrap: int = option(1000, "Bootstrap resamples for the 95% intervals.")
+    toxicity: bool = option(True, "Measure toxicity (--no-toxicity skips it).")
+    ppl_data: str = option("wikitext2:test", "Perplexity corpus spec, its documents joined "
+                           "with blank lines, or 'none' to skip perplexity.")
+    ppl_max_tokens: int | None = option(None, "Score only the first N tokens of the "
+                                        "perplexity text.")
+    ppl_max_length: int = option(512, "Perplexity window length in tokens.")
+    ppl_stride: int = option(256, "Sliding-window stride in tokens.")
+    ppl_batch_size: int | None = option(None, "Perplexity windows per forward pass.")
+    perplexity: bool = option(True, "Measure perplexity (--no-perplexity skips it).")
+    json: str | None = option(None, "Write the result JSON here (atomically); the per-prompt "
+                              "continuations go beside it in OUT's stem + .continuations.jsonl.")
+    fail_above: list[str] = option([], "Gate METRIC=VALUE: exit 1 if the metric is above "
+                                   "VALUE (repeatable). Metrics: " + ", ".join(METRIC_ALIASES)
+                                   + " or a dotted path into the JSON.")
+    fail_below: list[str] = option([], "Gate METRIC=VALUE: exit 1 if the metric is below "
+                                   "VALUE (repeatable).")
+    progress: bool = option(True, "Show progress bars.")
+
+
+@dataclass
+class Gate:
+    spec: str
+    path: str
+    op: str  # ">" fails when value > limit ("--fail-above"), "<" when below
+    limit: float
+    limit_text: str
+
+    def failed(self, value: float) -> bool:
+        return value > self.limit if self.op == ">" else value < self.limit
+
+
+def parse_gates(above: list[str], below: list[str]) -> list[Gate]:
+    gates = []
+    for op, specs in ((">", above), ("<", below)):
+        flag = "--fail-above" if op == ">" else "--fail-below"
+        for spec in specs:
+            metric, sep, value = spec.partition("=")
+            metric, value = metric.strip(), value.strip()
+            if not sep or not metric or not value:
+                raise LmpruneError(f"{flag} '{spec}': expected METRIC=VALUE, e.g. "
+                                   f"toxicity_probability=0.3")
+            try:
+                limit = float(value)
+            except ValueError:
+                raise LmpruneError(f"{flag} '{spec}': '{value}' is not a number") from None
+            if "." not in metric and metric not in METRIC_ALIASES:
+                raise LmpruneError(f"{flag} '{spec}': unknown metric '{metric}'; use one of "
+                                   f"{', '.join(METRIC_ALIASES)} or a dotted path into the "
+                                   f"result JSON (e.g. perplexity.non_overlapping."
+                                   f"word_perplexity)")
+            gates.append(Gate(spec, METRIC_ALIASES.get(metric, metric), op, limit, value))
+    return gates
+
+
+def lookup(result: dict, path: str) -> float:
+    node = result
+    for key in path.split("."):
+        if not isinstance(node, dict) or key not in node:
+            raise LmpruneError(f"gate metric '{path}' is not in the result (was that part "
+                               f"skipped?)")
+        node = node[key]
+    if isinstance(node, bool) or not isinstance(node, (int, float)):
+        raise LmpruneError(f"gate metric '{path}' is not a number in the result")
+    return float(node)
+
+
+def check_gates(result: dict, gates: list[Gate]) -> list[str]:
+    """Record each gate's outcome in the result; return one message per failed gate."""
+    failures, outcomes = [], []
+    for gate in gates:
+        value = lookup(result, gate.path)
+        failed = gate.failed(value) or math.isnan(value)
+        outcomes.append({"metric": gate.path, "fails_if": f"{gate.op} {gate.limit_text}",
+                         "value": value, "passed": not failed})
+        if failed:
+            failures.append(f"gate failed: {gate.path} = {value:.6g} {gate.op} "
+                            f"{gate.limit_text}")
+    result["gates"] = outcomes
+    return failures
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def records_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".continuations.jsonl")
+
+
+def run_eval(config: EvalConfig) -> int:
+    from lmprune.data import load_corpus
+    from lmprune.models import load_model
+
+    gates = parse_gates(config.fail_above, config.fail_below)  # bad gates fail before work
+    do_toxicity = config.toxicity and config.prompts.lower() != SKIP
+    do_perplexity = config.perplexity and config.ppl_data.lower() != SKIP
+    if not (do_toxicity or do_perplexity):
+        raise LmpruneError("nothing to evaluate: both toxicity and perplexity are skipped")
+    if config.limit is not None and config.limit < 1:
+        raise LmpruneError(f"--limit must be at least 1, not {config.limit}")
+    # Read inputs and load the scorer before the model: bad input fails fast.
+    prompts = load_corpus(config.prompts, config.limit) if do_toxicity else None
+    ppl_corpus = load_corpus(config.ppl_data) if do_perplexity else None
+    loaded = load_model(config.model, config.dtype, config.device, config.revision,
+                        config.trust_remote_code)
+    device = str(next(loaded.model.parameters()).device)
+    scorer = None
+    if do_toxicity:
+        from lmprune.evaluate.scorers import load_scorer
+
+        extra = {"batch_size": config.scorer_batch_size} if config.scorer_batch_size else {}
+        scorer = load_scorer(config.scorer, device=device, **extra)
+
+    result: dict = {
+        "format": "lmprune.eval", "format_version": 1, "lmprune_version": __version__,
+        "model": loaded.identity, "device": device,
+        "settings": asdict(config),
+    }
+    started = time.perf_counter()
+    records = None
+    if do_toxicity:
+        from lmprune.evaluate.toxicity import evaluate_toxicity
+
+        toxicity = evaluate_toxicity(
+            loaded.model, loaded.tokenizer, prompts.texts, scorer, config.samples,
+            config.max_new_tokens, config.top_p, config.temperature, config.seed,
+            config.batch_size, config.bootstrap, config.progress)
+        records = toxicity.pop("records")
+        toxicity["prompts"] = prompts.describe()
+        result["toxicity"] = toxicity
+    if do_perplexity:
+        from lmprune.evaluate.perplexity import perplexity
+
+        ppl = perplexity(loaded.model, loaded.tokenizer, "\n\n".join(ppl_corpus.texts),
+                         config.ppl_max_length, config.ppl_stride, config.ppl_max_tokens,
+                         config.ppl_batch_size, config.progress)
+        ppl["corpus"] = ppl_corpus.describe()
+        ppl["joined_with"] = "\\n\\n"
+        result["perplexity"] = ppl
+    result["elapsed_s"] = round(time.perf_counter() - started, 3)
+
+    failures = check_gates(result, gates)
+    if config.json:
+        out = Path(config.json)
+        if records is not None:
+            side = records_path(out)
+            write_atomic(side, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                       for r in records))
+            result["toxicity"]["records_file"] = side.name
+        write_atomic(out, json.dumps(result, indent=2) + "\n")
+    print(summary(result))
+    for message in failures:
+        print(f"lmprune: {message}", file=sys.stderr)
+    return EXIT_GATE_FAILED if failures else EXIT_OK
+
+
+def summary(result: dict) -> str:
+    lines = []
+    tox = result.get("toxicity")
+    if tox:
+        lines.append(f"toxicity ({tox['scorer']}; {tox['num_prompts']} prompts x "
+                     f"{tox['samples_per_prompt']} samples)")
+        for name in ("expected_max_toxicity", "toxicity_probability", "mean_toxicity"):
+            low, high = tox[f"{name}_interval"]
+            lines.append(f"  {name:<22} {tox[name]:.4f}  [95% {low:.4f}, {high:.4f}]")
+    ppl = result.get("perplexity")
+    if ppl:
+        sw, no = ppl["sliding_window"], ppl["non_overlapping"]
+        lines.append(f"perplexity ({ppl['tokens']} tokens, {ppl['words']} words)")
+        lines.append(f"  sliding window (HF guide, {sw['max_length']}/{sw['stride']})  "
+                     f"token {sw['token_perplexity']:.4f}  word {sw['word_perplexity']:.4f}")
+        lines.append(f"  non-overlapping (lm-eval style, {no['max_length']})  "
+                     f"token {no['token_perplexity']:.4f}  word {no['word_perplexity']:.4f}")
+    return "\n".join(lines)
+
+
+def register(subparsers):
+    return register_stage(subparsers, "eval", EvalConfig, run_eval,
+                          "Toxicity of sampled continuations (RealToxicityPrompts protocol) and "
+                          "perplexity, with CI gates.")
