@@ -64,6 +64,8 @@ class FinetuneConfig:
                          "Hugging Face classifier).")
     ppl_data: str = option("wikitext2:test", "Text for the perplexity measurement.")
     ppl_max_tokens: int = option(4096, "Tokens of --ppl-data used per measurement.")
+    ppl_max_length: int = option(512, "Sliding-window length of the perplexity measurement.")
+    ppl_stride: int = option(256, "Sliding-window stride of the perplexity measurement.")
     base_model: str | None = option(None, "Unpruned model measured once for the curve's "
                                     "reference line (default: the checkpoint's base model; "
                                     "'none' to skip).")
@@ -478,14 +480,10 @@ def build_evaluator(config: FinetuneConfig) -> Evaluator | None:
     """Toxicity of sampled continuations plus perplexity, from lmprune.evaluate."""
     if config.eval_every <= 0:
         return None
-    try:
-        from lmprune.evaluate.perplexity import perplexity
-        from lmprune.evaluate.scorers import load_scorer
-        from lmprune.evaluate.toxicity import evaluate_toxicity
-    except ImportError as err:
-        raise LmpruneError(f"--eval-every needs lmprune.evaluate, which did not import ({err}); "
-                           f"run without --eval-every") from err
     from lmprune.data import load_corpus
+    from lmprune.evaluate.perplexity import perplexity
+    from lmprune.evaluate.scorers import load_scorer
+    from lmprune.evaluate.toxicity import evaluate_toxicity
     from lmprune.models import resolve_device
 
     prompts = load_corpus(config.eval_prompts, config.eval_limit).texts
@@ -495,24 +493,14 @@ def build_evaluator(config: FinetuneConfig) -> Evaluator | None:
     def evaluate(model, tokenizer, step):
         tox = evaluate_toxicity(model, tokenizer, prompts, scorer, samples=config.eval_samples,
                                 max_new_tokens=config.eval_max_new_tokens, seed=config.seed)
-        ppl = perplexity(model, tokenizer, ppl_text, max_tokens=config.ppl_max_tokens)
+        ppl = perplexity(model, tokenizer, ppl_text, config.ppl_max_length, config.ppl_stride,
+                         max_tokens=config.ppl_max_tokens, progress=False)
         metrics = {k: tox[k] for k in ("expected_max_toxicity", "toxicity_probability",
                                        "mean_toxicity")}
-        metrics["perplexity"] = _perplexity_value(ppl)
+        metrics["perplexity"] = ppl["sliding_window"]["token_perplexity"]
         return metrics
 
     return evaluate
-
-
-def _perplexity_value(result: dict) -> float:
-    """The token perplexity in whatever key `perplexity()` returns it."""
-    for key in ("perplexity", "token_perplexity", "ppl"):
-        if isinstance(result.get(key), (int, float)):
-            return float(result[key])
-    found = sorted(k for k, v in result.items() if "perplex" in k and isinstance(v, (int, float)))
-    if not found:
-        raise LmpruneError(f"perplexity() returned no perplexity value (keys: {sorted(result)})")
-    return float(result[found[0]])
 
 
 def run(config: FinetuneConfig) -> int:

@@ -233,32 +233,23 @@ def test_checkpoints_of_another_run_are_refused(setup, tmp_path):
         finetune(_config(setup, tmp_path / "o", lr=1e-4, checkpoint_every=2))
 
 
-def test_cli_evaluator_wires_toxicity_and_perplexity(setup, monkeypatch):
-    import types
+def test_cli_evaluator_measures_toxicity_and_perplexity_for_real(setup):
+    """The evaluator built for --eval-every runs lmprune.evaluate on the model, reproducibly."""
+    from lmprune.evaluate.perplexity import perplexity
 
-    calls = []
-
-    def evaluate_toxicity(model, tokenizer, prompts, scorer, samples, max_new_tokens, seed):
-        calls.append((len(prompts), scorer.name, samples, max_new_tokens))
-        return {"expected_max_toxicity": 0.4, "toxicity_probability": 0.3,
-                "mean_toxicity": 0.1, "scorer": scorer.name}
-
-    def perplexity(model, tokenizer, text, max_tokens):
-        return {"token_perplexity": 27.5, "tokens": max_tokens}
-
-    fakes = {
-        "lmprune.evaluate": types.ModuleType("lmprune.evaluate"),
-        "lmprune.evaluate.toxicity": types.SimpleNamespace(evaluate_toxicity=evaluate_toxicity),
-        "lmprune.evaluate.perplexity": types.SimpleNamespace(perplexity=perplexity),
-        "lmprune.evaluate.scorers": types.SimpleNamespace(
-            load_scorer=lambda name, device="cpu": types.SimpleNamespace(name=name)),
-    }
-    for name, module in fakes.items():
-        monkeypatch.setitem(sys.modules, name, module)
+    loaded = load_model(str(setup / "pruned"))
     config = FinetuneConfig(eval_every=5, eval_prompts=str(setup / "train.txt"), eval_limit=4,
-                            eval_samples=3, ppl_data=str(setup / "train.txt"), device="cpu")
-    metrics = build_evaluator(config)(None, None, 5)
-    assert metrics == {"expected_max_toxicity": 0.4, "toxicity_probability": 0.3,
-                       "mean_toxicity": 0.1, "perplexity": 27.5}
-    assert calls == [(4, "profanity_check", 3, 20)]
+                            eval_samples=3, eval_max_new_tokens=5,
+                            ppl_data=str(setup / "train.txt"), ppl_max_tokens=200,
+                            ppl_max_length=64, ppl_stride=32, device="cpu")
+    evaluate = build_evaluator(config)
+    metrics = evaluate(loaded.model, loaded.tokenizer, 5)
+    assert set(metrics) == {"expected_max_toxicity", "toxicity_probability", "mean_toxicity",
+                            "perplexity"}
+    assert 0 <= metrics["mean_toxicity"] <= metrics["expected_max_toxicity"] <= 1
+    text = "\n\n".join(load_corpus(str(setup / "train.txt")).texts)
+    expected = perplexity(loaded.model, loaded.tokenizer, text, 64, 32, max_tokens=200,
+                          progress=False)
+    assert metrics["perplexity"] == expected["sliding_window"]["token_perplexity"]
+    assert evaluate(loaded.model, loaded.tokenizer, 10) == metrics
     assert build_evaluator(FinetuneConfig(eval_every=0)) is None
