@@ -39,6 +39,7 @@ from lmprune.arch import NeuronMap
 from lmprune.config import option
 from lmprune.errors import LmpruneError
 from lmprune.hooks import NeuronHooks
+from lmprune.io import write_json_atomic
 
 CORPORA = ("offensive", "clean")
 FORMAT_VERSION = 1
@@ -535,17 +536,11 @@ class _Checkpoints:
         os.replace(tmp, path)
         self.procs.barrier()
         if self.procs.main:
-            _write_json(self.pointer, {**info, "tag": tag, "fingerprint": self.fingerprint})
+            write_json_atomic(self.pointer, {**info, "tag": tag, "fingerprint": self.fingerprint})
         self.procs.barrier()
         for old in self.dir.glob(f"*.rank{self.procs.rank}.safetensors"):
             if old.name != path.name:
                 old.unlink()
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -969,7 +964,7 @@ class Collector:
             _save_tensors(self.out / "coact.safetensors", coact)
             manifest = self._manifest(stats, coact, auroc_info, fingerprint, tokens_pass1,
                                       elapsed_pass1)
-            _write_json(manifest_path, manifest)
+            write_json_atomic(manifest_path, manifest)
             shutil.rmtree(ckpt.dir, ignore_errors=True)
             print(f"lmprune collect: wrote {self.out} ({tokens_pass1:,} tokens, "
                   f"{tokens_pass1 / max(elapsed_pass1, 1e-9):,.0f} tok/s)")

@@ -24,6 +24,7 @@ from torch import nn
 
 from lmprune.config import option, register_stage
 from lmprune.errors import LmpruneError
+from lmprune.io import write_json_atomic
 from lmprune.prune import CHECKPOINT_FILE, PruneMask, command_line, read_checkpoint_meta, utc_now
 
 # evaluate(model, tokenizer, step) -> {metric name: value}
@@ -220,9 +221,7 @@ def write_curve(curve: dict, out_dir: str | Path) -> None:
     """relearning.json and relearning.png (one panel per metric against step), atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{CURVE_FILE}.tmp"
-    tmp.write_text(json.dumps(curve, indent=2) + "\n")
-    os.replace(tmp, out_dir / CURVE_FILE)
+    write_json_atomic(out_dir / CURVE_FILE, curve)
     plot_curve(curve, out_dir / PLOT_FILE)
 
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from lmprune.errors import LmpruneError
+from lmprune.io import write_text_atomic
 
 CARD_FILE = "README.md"
 LINEAGE_FILE = "lmprune.json"
@@ -485,15 +484,3 @@ def write_model_card(checkpoint_dir: str | Path, eval_results: dict | None = Non
     """
     card = build_model_card(checkpoint_dir, eval_results, base_eval, model_name)
     return write_text_atomic(Path(checkpoint_dir) / CARD_FILE, str(card))
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 from lmprune import __version__
 from lmprune.config import option, register_stage
 from lmprune.errors import LmpruneError
+from lmprune.io import write_text_atomic
 
 EXIT_OK, EXIT_GATE_FAILED = 0, 1
 SKIP = "none"
@@ -139,18 +138,6 @@ def check_gates(result: dict, gates: list[Gate]) -> list[str]:
     return failures
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def records_path(out: Path) -> Path:
     return out.with_name(out.stem + ".continuations.jsonl")
 
@@ -212,10 +199,10 @@ def run_eval(config: EvalConfig) -> int:
         out = Path(config.json)
         if records is not None:
             side = records_path(out)
-            write_atomic(side, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+            write_text_atomic(side, "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                        for r in records))
             result["toxicity"]["records_file"] = side.name
-        write_atomic(out, json.dumps(result, indent=2) + "\n")
+        write_text_atomic(out, json.dumps(result, indent=2) + "\n")
     print(summary(result))
     for message in failures:
         print(f"lmprune: {message}", file=sys.stderr)

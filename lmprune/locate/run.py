@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from lmprune import __version__
 from lmprune.arch import NeuronMap
 from lmprune.config import option, register_stage
 from lmprune.errors import LmpruneError
+from lmprune.io import write_json_atomic
 from lmprune.locate.cluster import cluster, clusterability
 from lmprune.locate.graph import correlation_from_gram, knn_affinity
 from lmprune.locate.score import (
@@ -259,14 +259,6 @@ def _aggregate(per_graph: dict[int, dict]) -> dict:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def write_json_atomic(path: str | Path, payload: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=float) + "\n")
-    os.replace(tmp, path)
 
 
 def run(cfg: LocateConfig) -> int:

@@ -53,7 +53,7 @@ class TokenBatches:
         return cls(batches, tokens)
 
 
-def _summed_nll(model: nn.Module, ids, mask, labels) -> torch.Tensor:
+def summed_nll(model: nn.Module, ids, mask, labels) -> torch.Tensor:
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # [batch, pos-1, vocab]
     return nn.functional.cross_entropy(logits.float().transpose(1, 2), labels[:, 1:],
                                        ignore_index=-100, reduction="sum")
@@ -80,7 +80,7 @@ class CausalScorer:
         total = 0.0
         with NeuronHooks(self.model, ablate, neuron_map=self.nmap):
             for ids, mask, labels in data.batches:
-                total += float(_summed_nll(self.model, ids, mask, labels))
+                total += float(summed_nll(self.model, ids, mask, labels))
         return total / data.tokens
 
     def losses(self, zero: Neurons) -> tuple[float, float]:
@@ -106,7 +106,7 @@ class CausalScorer:
                 with NeuronHooks(self.model, lambda layer, acts, g=gates: acts * g[layer],
                                  neuron_map=self.nmap):
                     for ids, mask, labels in data.batches:
-                        (_summed_nll(self.model, ids, mask, labels) / data.tokens).backward()
+                        (summed_nll(self.model, ids, mask, labels) / data.tokens).backward()
                 # zeroing g_j from 1 to 0 changes the loss by about -dL/dg_j
                 result.append(-torch.stack([g.grad for g in gates]).cpu().double().numpy())
         finally:
