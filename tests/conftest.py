@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 # Nothing in the tests may reach the Hub: fail fast instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,3 +19,12 @@ def smollm2():
     from lmprune.models import load_model
 
     return load_model("smollm2-135m", dtype="float32", device="cpu")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run far faster on one thread when other work shares the 2 cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

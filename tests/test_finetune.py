@@ -38,13 +38,7 @@ OFFENSIVE = ["you stupid idiot!", "shut up, fool", "what a dumb jerk"]
 CLEAN = ["the weather is nice", "we went to the park", "read a good book"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread when other work shares the 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

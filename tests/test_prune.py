@@ -28,14 +28,7 @@ from lmprune.prune import (
     top_auroc_neurons,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread when other work shares the 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _module(mid, members, causal, **scores):
