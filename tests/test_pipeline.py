@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from lmprune.cli import main
 from lmprune.models import save_model
-from lmprune.pipeline import SECTIONS, load_recipe
+from lmprune.pipeline import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKI = ("The river runs through the old town and the bridge is made of stone . " * 4 + "\n") * 30
@@ -196,7 +196,8 @@ def test_killed_run_completes_when_run_again(inputs, tmp_path):
     died = subprocess.run(command, env=_env(LMPRUNE_TEST_KILL_AFTER_BATCHES="3"),
                           capture_output=True, text=True, timeout=240)
     assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
-    assert (out / "stats" / ".checkpoint").is_dir() and not (out / "stats" / "manifest.json").exists()
+    assert (out / "stats" / ".checkpoint").is_dir()
+    assert not (out / "stats" / "manifest.json").exists()
 
     second = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True)
