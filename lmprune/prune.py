@@ -529,6 +529,9 @@ def plan(config: PruneConfig, loaded) -> PrunePlan:
     nmap = NeuronMap(loaded.model)
     if config.mode == "modules":
         chosen, record = _selected(config, loaded, nmap, config.modules)
+        if not chosen:
+            raise LmpruneError(f"--select {config.select} chose no module (the best ranked one "
+                               f"is larger than the budget): raise the budget or use top:N")
         return PrunePlan(module_neurons(chosen), record=record)
     if config.mode in ("neurons", "dampen"):
         if not config.stats:

@@ -189,7 +189,9 @@ def relearning_section(curve: dict, run_dir: Path, plot: Path) -> list[str]:
         if base:
             lines.append("| unpruned base | " + " | ".join(_fmt(base.get(k)) for k in metrics)
                          + " |")
-        for p in points:
+        stride = math.ceil(len(points) / 12)  # at most about a dozen rows; the last always
+        shown = points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])
+        for p in shown:
             lines.append(f"| {p['step']} | "
                          + " | ".join(_fmt(p["metrics"].get(k)) for k in metrics) + " |")
         lines.append("")

@@ -213,6 +213,13 @@ def test_neurons_mode_takes_k_from_count_or_from_the_module_selection(tmp_path):
     assert meta["pruned_neurons"] == {"1": [35, 36, 37, 38, 39]}
 
 
+def test_a_budget_below_the_best_module_is_refused_not_a_silent_no_op(tmp_path):
+    loaded = _loaded(tmp_path)
+    modules = str(_write_map(tmp_path / "modules.json"))  # best by causal: 5 neurons
+    with pytest.raises(LmpruneError, match="chose no module"):
+        prune_model(PruneConfig(modules=modules, select="budget:4"), loaded)
+
+
 def test_random_control_copies_per_layer_counts_and_is_seeded(tmp_path):
     loaded = _loaded(tmp_path)
     modules = str(_write_map(tmp_path / "modules.json"))
