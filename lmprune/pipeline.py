@@ -57,7 +57,8 @@ class ControlConfig:
     """`control:` the random same-size controls (per-layer counts of the pruned model)."""
 
     seeds: list[int] = option([0], "One random control checkpoint per seed ([] for none).")
-    finetune: bool = option(False, "Fine-tune the controls too, with the `finetune:` settings.")
+    finetune: bool = option(False, "Fine-tune the controls too, with the `finetune:` settings "
+                            "(without the relearning curve).")
 
 
 @dataclass
@@ -275,10 +276,13 @@ class Stage:
     sources: list[str] = field(default_factory=list)
     """Model names and corpus specs (hashed by content where local)."""
 
-    def key(self) -> str:
+    def key(self, root: Path) -> str:
+        """Hash of the settings and inputs. Paths inside the run folder count relative to it,
+        so a moved or copied run folder is still up to date."""
         config = dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) \
             else self.config
-        return _digest({"stage": self.name, "config": config,
+        text = json.dumps({"stage": self.name, "config": config}, sort_keys=True, default=str)
+        return _digest({"settings": text.replace(str(root), "<run>"),
                         "inputs": [path_hash(p) for p in self.inputs],
                         "sources": [source_hash(s) for s in self.sources]})
 
@@ -408,6 +412,8 @@ def plan_stages(recipe: Recipe, folder: RunFolder) -> list[Stage]:
                       for s in recipe.control.seeds]
         for source, out, name in pairs:
             cfg = replace(recipe.finetune, model=str(source), out=str(out), base_model=model)
+            if source != folder.pruned:  # controls: same training, no relearning curve
+                cfg = replace(cfg, eval_every=0)
 
             def tune(resume: bool, cfg=cfg):
                 if not resume:  # other settings than the killed run: start over
@@ -448,7 +454,7 @@ def run_pipeline(recipe: Recipe) -> int:
     started_all = time.time()
     for number, stage in enumerate(stages, 1):
         tag = f"[{number}/{len(stages)}] {stage.name}"
-        key = stage.key()
+        key = stage.key(folder.root)
         marker = folder.read_marker(stage.name) or {}
         if (marker.get("state") == "done" and marker.get("key") == key
                 and all(_exists(p) for p in stage.outputs)):

@@ -4,6 +4,7 @@ are refused before any output; a run killed with SIGKILL completes when run agai
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -163,6 +164,12 @@ def test_second_run_skips_every_stage(finished):
     assert code == 0
     assert stage_lines(text) == {stage: "skipped" for stage in STAGES}
     assert mtimes(out) == before, "a skipped stage rewrote a file"
+    # a copied run folder is up to date too (paths inside it count relative to it)
+    copy = out.parent / "copy"
+    shutil.copytree(out, copy)
+    code, text = _run_inline([str(recipe), "--out", str(copy)])
+    assert code == 0
+    assert stage_lines(text) == {stage: "skipped" for stage in STAGES}
 
 
 def test_set_reruns_that_stage_and_the_later_ones_only(finished, tmp_path):
