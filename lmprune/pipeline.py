@@ -157,17 +157,35 @@ def parse_recipe(values: dict, name: str) -> Recipe:
         configs[section] = build_config(cls, given, where=section)
     if "finetune" not in values:
         configs["finetune"] = None
-    if configs["prune"].mode == "random":
-        raise LmpruneError("prune.mode: random is the control; set `control.seeds` instead")
+    _check_options(configs["prune"], configs["eval"])
     return Recipe(name=name, run=run, values=values, **configs)
+
+
+def _check_options(prune: PruneConfig, evaluation: EvalConfig) -> None:
+    """Values the stages would refuse only once they start."""
+    from lmprune.evaluate.command import parse_gates
+    from lmprune.prune import parse_select
+
+    if prune.mode == "random":
+        raise LmpruneError("prune.mode: random is the control; set `control.seeds` instead")
+    if prune.mode == "modules" and not prune.select:
+        raise LmpruneError("prune.select: needed (e.g. top:3 or budget:1%)")
+    if prune.select:
+        try:
+            parse_select(prune.select)
+        except LmpruneError as err:
+            raise LmpruneError(f"prune.select: {err}") from None
+    try:
+        parse_gates(evaluation.fail_above, evaluation.fail_below)
+    except LmpruneError as err:
+        raise LmpruneError(f"eval: {err}") from None
 
 
 def check_inputs(recipe: Recipe) -> None:
     """Refuse a missing model or local corpus file, and bad stage options, before any work."""
     from lmprune.data import NAMED, resolve_spec
-    from lmprune.evaluate.command import SKIP, parse_gates
+    from lmprune.evaluate.command import SKIP
     from lmprune.models import load_config
-    from lmprune.prune import parse_select
 
     try:
         load_config(recipe.run.model, recipe.collect.revision, recipe.collect.trust_remote_code)
@@ -188,18 +206,6 @@ def check_inputs(recipe: Recipe) -> None:
                 hint = (" (set LMPRUNE_DATA_DIR to the folder of the shared data sets)"
                         if spec.partition("?")[0] in NAMED else "")
                 raise LmpruneError(f"{section}.{key}: corpus file not found: {source}{hint}")
-    if recipe.prune.mode == "modules" or recipe.control.seeds:
-        if not recipe.prune.select:
-            raise LmpruneError("prune.select: needed (e.g. top:3 or budget:1%)")
-    if recipe.prune.select:
-        try:
-            parse_select(recipe.prune.select)
-        except LmpruneError as err:
-            raise LmpruneError(f"prune.select: {err}") from None
-    try:
-        parse_gates(recipe.eval.fail_above, recipe.eval.fail_below)
-    except LmpruneError as err:
-        raise LmpruneError(f"eval: {err}") from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), out: str | None = None,

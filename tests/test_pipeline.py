@@ -235,6 +235,8 @@ def test_killed_run_completes_when_run_again(inputs, tmp_path):
     (lambda v: v["finetune"].update(out="elsewhere"), "finetune.out: set by `lmprune run`"),
     (lambda v: v.update(model="/nowhere/model"), "model: model not found"),
     (lambda v: v.update(colect={}), "recipe: unknown key(s) colect"),
+    (lambda v: v["prune"].update(select="best:3"), "prune.select: --select must be"),
+    (lambda v: v["eval"].update(fail_above=["toxicity=0.3"]), "eval: --fail-above"),
 ])
 def test_bad_recipe_is_refused_before_any_output(inputs, tmp_path, capsys, edit, message):
     values = recipe_values(inputs, tmp_path / "run")
