@@ -40,7 +40,10 @@ def _ppl(ev: dict) -> float | None:
 
 def _cell(text: str) -> str:
     """Text safe inside a markdown table cell."""
-    return " ".join(str(text).split()).replace("|", "\\|").replace("<", "&lt;")
+    text = " ".join(str(text).split()).replace("<", "&lt;")
+    for char in "\\|*_`[]":  # markdown syntax shown as written
+        text = text.replace(char, "\\" + char)
+    return text
 
 
 # --------------------------------------------------------------------------------------------
