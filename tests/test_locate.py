@@ -97,6 +97,7 @@ def test_locate_recovers_the_planted_module_and_beats_every_control(planted, met
     scores = best["scores"]
     assert scores["causal_measured"] == "ablation"
     assert scores["loss_delta_offensive"] > 10 * abs(scores["loss_delta_clean"])
+    assert scores["selectivity"] > 0.9
     assert len(scores["control_values"]) == 20
     assert scores["causal"] > max(scores["control_values"])
     assert scores["control_percentile"] == 1.0

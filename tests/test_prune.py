@@ -25,6 +25,7 @@ from lmprune.prune import (
     rank_modules,
     remove_neurons,
     select_modules,
+    selective_modules,
     top_auroc_neurons,
 )
 
@@ -78,6 +79,19 @@ def test_ids_selects_exactly_those_modules():
     assert _ids(select_modules(ranked, parse_select("ids:3,0"), 80)[0]) == [0, 3]
     with pytest.raises(LmpruneError, match=r"ids \[9\]"):
         select_modules(ranked, parse_select("ids:0,9"), 80)
+
+
+def test_min_selectivity_leaves_out_modules_that_move_every_loss():
+    modules = copy.deepcopy(MODULES)
+    for module, selectivity in zip(modules, [0.9, 0.2, 0.6, None], strict=True):
+        if selectivity is not None:  # module 3 was not ablated exactly: it has none
+            module["scores"]["selectivity"] = selectivity
+    assert _ids(selective_modules(modules, 0.5)) == [0, 2]
+    assert selective_modules(modules, None) == modules
+    ranked = rank_modules(selective_modules(modules, 0.5), "causal")
+    assert _ids(select_modules(ranked, parse_select("top:1"), 80)[0]) == [2]
+    with pytest.raises(LmpruneError, match="selectivity >= 0.95"):
+        selective_modules(modules, 0.95)
 
 
 @pytest.mark.parametrize("spec", ["top:0", "budget:120%", "ids:a", "target:x", "best:3", "top"])
@@ -190,6 +204,13 @@ def test_neurons_mode_takes_k_from_count_or_from_the_module_selection(tmp_path):
     meta = prune_model(PruneConfig(mode="neurons", stats=stats, modules=modules,
                                    select="top:1"), loaded)  # module 1 has 5 neurons
     assert meta["pruned_neurons"] == {"1": [35, 36, 37, 38, 39]}
+
+
+def test_a_budget_below_the_best_module_is_refused_not_a_silent_no_op(tmp_path):
+    loaded = _loaded(tmp_path)
+    modules = str(_write_map(tmp_path / "modules.json"))  # best by causal: 5 neurons
+    with pytest.raises(LmpruneError, match="chose no module"):
+        prune_model(PruneConfig(modules=modules, select="budget:4"), loaded)
 
 
 def test_random_control_copies_per_layer_counts_and_is_seeded(tmp_path):

@@ -125,24 +125,23 @@ def lookup(result: dict, path: str) -> float:
 
 def check_gates(result: dict, gates: list[Gate]) -> list[str]:
     """Record each gate's outcome in the result; return one message per failed gate."""
-    failures, outcomes = [], []
+    outcomes = []
     for gate in gates:
         value = lookup(result, gate.path)
         failed = gate.failed(value) or math.isnan(value)
         outcomes.append({"metric": gate.path, "fails_if": f"{gate.op} {gate.limit_text}",
                          "value": value, "passed": not failed})
-        if failed:
-            failures.append(f"gate failed: {gate.path} = {value:.6g} {gate.op} "
-                            f"{gate.limit_text}")
     result["gates"] = outcomes
-    return failures
+    return gate_failures(result)
 
 
 def records_path(out: Path) -> Path:
     return out.with_name(out.stem + ".continuations.jsonl")
 
 
-def run_eval(config: EvalConfig) -> int:
+def evaluate(config: EvalConfig) -> dict:
+    """Measure, check the gates (their outcomes go into the result's `gates`), write the JSON
+    and the continuations when `config.json` is set; return the result."""
     from lmprune.data import load_corpus
     from lmprune.models import load_model
 
@@ -194,7 +193,7 @@ def run_eval(config: EvalConfig) -> int:
         result["perplexity"] = ppl
     result["elapsed_s"] = round(time.perf_counter() - started, 3)
 
-    failures = check_gates(result, gates)
+    check_gates(result, gates)
     if config.json:
         out = Path(config.json)
         if records is not None:
@@ -203,7 +202,19 @@ def run_eval(config: EvalConfig) -> int:
                                        for r in records))
             result["toxicity"]["records_file"] = side.name
         write_text_atomic(out, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def gate_failures(result: dict) -> list[str]:
+    """One message per failed gate recorded in `result["gates"]`."""
+    return [f"gate failed: {g['metric']} = {g['value']:.6g} {g['fails_if']}"
+            for g in result.get("gates", []) if not g["passed"]]
+
+
+def run_eval(config: EvalConfig) -> int:
+    result = evaluate(config)
     print(summary(result))
+    failures = gate_failures(result)
     for message in failures:
         print(f"lmprune: {message}", file=sys.stderr)
     return EXIT_GATE_FAILED if failures else EXIT_OK

@@ -197,7 +197,8 @@ def locate(cfg: LocateConfig) -> dict:
             scores["output_promotion"] = float(promotion[rows, cols].mean())
         if "causal" in res:
             scores.update(causal=res["causal"], loss_delta_offensive=res["loss_delta_offensive"],
-                          loss_delta_clean=res["loss_delta_clean"], causal_measured="ablation")
+                          loss_delta_clean=res["loss_delta_clean"],
+                          selectivity=res["selectivity"], causal_measured="ablation")
         else:
             scores.update(causal=res["causal_approx"], causal_measured="first-order")
         if "exact" in res:

@@ -89,8 +89,12 @@ class CausalScorer:
     def effect(self, zero: Neurons) -> dict:
         off, clean = self.losses(zero)
         d_off, d_clean = off - self.base[0], clean - self.base[1]
+        # selectivity in [-1, 1]: 1 when only the offensive loss moves; pruning by `causal`
+        # alone favours neurons that hurt everything a bit more on offensive text
+        spread = abs(d_off) + abs(d_clean)
         return {"causal": d_off - d_clean, "loss_delta_offensive": d_off,
-                "loss_delta_clean": d_clean}
+                "loss_delta_clean": d_clean,
+                "selectivity": (d_off - d_clean) / spread if spread > 0 else 0.0}
 
     def attribution(self) -> np.ndarray:
         """First-order causal score of zeroing each neuron alone: [L, W] (off minus clean)."""

@@ -1,0 +1,508 @@
+"""`lmprune run RECIPE`: collect -> locate -> prune (+ random controls) -> evaluate -> fine-tune ->
+evaluate -> report, in one run folder.
+
+A recipe is YAML: top-level `model` and `out` (and optionally `device`, applied to every stage
+that has one), and one section per stage whose keys are that stage's config fields (the flags of
+`lmprune STAGE --help`, with underscores). The runner fills in the fields that wire the stages
+together (model, out, stats, module and checkpoint paths); a recipe may not set those.
+
+Every stage leaves a marker `OUT/.stages/NAME.json`: written "started" (with the stage's key)
+before it runs and "done" after, atomically. The key hashes the stage's config and its inputs
+(corpus files, upstream manifests, module maps, checkpoint weights). A stage whose marker is done
+with the same key, and whose outputs exist, is skipped. A stage that was killed reruns; collect
+and fine-tune resume from their own checkpoints when the key is unchanged, and start over when it
+changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from lmprune.collect import CollectConfig
+from lmprune.config import build_config, load_yaml, option
+from lmprune.errors import LmpruneError
+from lmprune.evaluate.command import EvalConfig
+from lmprune.finetune import FinetuneConfig
+from lmprune.io import write_text_atomic
+from lmprune.locate.run import LocateConfig
+from lmprune.prune import PruneConfig
+
+MARKERS = ".stages"
+
+
+@dataclass
+class RunConfig:
+    """Top-level keys of a recipe."""
+
+    model: str = option("smollm2-135m", "Model: Hub id, local folder, .gguf file or bundled "
+                        "alias.")
+    out: str | None = option(None, "Run folder (default: runs/<recipe name>).")
+    device: str | None = option(None, "Device for every stage that has one (a section's own "
+                                "`device` wins).")
+    title: str | None = option(None, "Title of the report.")
+
+
+@dataclass
+class ControlConfig:
+    """`control:` the random same-size controls (per-layer counts of the pruned model)."""
+
+    seeds: list[int] = option([0], "One random control checkpoint per seed ([] for none).")
+    finetune: bool = option(False, "Fine-tune the controls too, with the `finetune:` settings "
+                            "(without the relearning curve).")
+
+
+@dataclass
+class ReportConfig:
+    """`report:` what the report shows."""
+
+    examples: int = option(3, "Prompts shown with their continuations before and after.")
+
+
+SECTIONS: dict[str, type] = {
+    "collect": CollectConfig, "locate": LocateConfig, "prune": PruneConfig,
+    "control": ControlConfig, "eval": EvalConfig, "finetune": FinetuneConfig,
+    "report": ReportConfig,
+}
+# Fields the runner sets; a recipe that sets them is refused.
+WIRED: dict[str, set[str]] = {
+    "collect": {"model", "out", "resume"},
+    "locate": {"model", "stats", "out"},
+    "prune": {"model", "out", "modules", "like", "seed"},
+    "eval": {"model", "json"},
+    "finetune": {"model", "out", "base_model"},
+}
+# Corpus specs a recipe names, checked before any work starts.
+CORPUS_KEYS: dict[str, list[str]] = {
+    "collect": ["offensive", "clean"],
+    "prune": ["offensive", "clean"],
+    "eval": ["prompts", "ppl_data"],
+    "finetune": ["data", "eval_prompts", "ppl_data"],
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Recipes
+
+
+@dataclass
+class Recipe:
+    """A validated recipe: top-level settings and one config per stage section."""
+
+    name: str
+    run: RunConfig
+    collect: CollectConfig
+    locate: LocateConfig
+    prune: PruneConfig
+    control: ControlConfig
+    eval: EvalConfig
+    finetune: FinetuneConfig | None
+    report: ReportConfig
+    values: dict = field(default_factory=dict)
+    """The recipe after --set overrides, as read (for the record in the run folder)."""
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """`section.key=value` or `key=value` (top level); values parsed as YAML."""
+    values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise LmpruneError(f"--set '{item}': expected KEY=VALUE, e.g. collect.max_docs=200")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        section, dot, name = key.partition(".")
+        if not dot:
+            values[key] = value
+            continue
+        if section not in SECTIONS:
+            raise LmpruneError(f"--set {key}: unknown section '{section}'; sections: "
+                               f"{', '.join(SECTIONS)}")
+        current = values.get(section)
+        values[section] = {**(current if isinstance(current, dict) else {}), name: value}
+    return values
+
+
+def parse_recipe(values: dict, name: str) -> Recipe:
+    """Check keys and types of every section (naming the key that is wrong) and wire nothing."""
+    top = {k: v for k, v in values.items() if k not in SECTIONS}
+    run = build_config(RunConfig, top, where="recipe")
+    configs = {}
+    for section, cls in SECTIONS.items():
+        given = values.get(section, {})
+        if given is None and section == "finetune":
+            configs[section] = None
+            continue
+        if not isinstance(given, dict):
+            raise LmpruneError(f"{section}: expected a mapping of settings, got "
+                               f"{type(given).__name__}")
+        wired = sorted(WIRED.get(section, set()) & set(given))
+        if wired:
+            raise LmpruneError(f"{section}.{wired[0]}: set by `lmprune run` (it wires the stages "
+                               f"together); remove it from the recipe")
+        if run.device and "device" in {f.name for f in dataclasses.fields(cls)}:
+            given = {"device": run.device, **given}
+        configs[section] = build_config(cls, given, where=section)
+    if "finetune" not in values:
+        configs["finetune"] = None
+    _check_options(configs["prune"], configs["eval"])
+    return Recipe(name=name, run=run, values=values, **configs)
+
+
+def _check_options(prune: PruneConfig, evaluation: EvalConfig) -> None:
+    """Values the stages would refuse only once they start."""
+    from lmprune.evaluate.command import parse_gates
+    from lmprune.prune import parse_select
+
+    if prune.mode == "random":
+        raise LmpruneError("prune.mode: random is the control; set `control.seeds` instead")
+    if prune.mode == "modules" and not prune.select:
+        raise LmpruneError("prune.select: needed (e.g. top:3 or budget:1%)")
+    if prune.select:
+        try:
+            parse_select(prune.select)
+        except LmpruneError as err:
+            raise LmpruneError(f"prune.select: {err}") from None
+    try:
+        parse_gates(evaluation.fail_above, evaluation.fail_below)
+    except LmpruneError as err:
+        raise LmpruneError(f"eval: {err}") from None
+
+
+def check_inputs(recipe: Recipe) -> None:
+    """Refuse a missing model or local corpus file, and bad stage options, before any work."""
+    from lmprune.data import NAMED, resolve_spec
+    from lmprune.evaluate.command import SKIP
+    from lmprune.models import load_config
+
+    try:
+        load_config(recipe.run.model, recipe.collect.revision, recipe.collect.trust_remote_code)
+    except LmpruneError as err:
+        raise LmpruneError(f"model: {err}") from None
+    for section, keys in CORPUS_KEYS.items():
+        config = getattr(recipe, section)
+        if config is None:
+            continue
+        for key in keys:
+            spec = getattr(config, key)
+            if not spec or spec.lower() == SKIP:
+                continue
+            source = resolve_spec(spec).partition("?")[0]
+            if source.startswith("hf:"):
+                continue
+            if not Path(source).expanduser().is_file():
+                hint = (" (set LMPRUNE_DATA_DIR to the folder of the shared data sets)"
+                        if spec.partition("?")[0] in NAMED else "")
+                raise LmpruneError(f"{section}.{key}: corpus file not found: {source}{hint}")
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), out: str | None = None,
+                check_files: bool = True) -> Recipe:
+    """Read, override, validate. `check_files=False` checks keys and types only (no model or
+    corpus lookups: for recipes meant for the Hub)."""
+    path = Path(path)
+    values = apply_overrides(load_yaml(path), list(overrides))
+    if out is not None:
+        values["out"] = out
+    recipe = parse_recipe(values, path.stem)
+    if recipe.run.out is None:
+        recipe.run.out = str(Path("runs") / path.stem)
+    if check_files:
+        check_inputs(recipe)
+    return recipe
+
+
+# --------------------------------------------------------------------------------------------
+# Hashes of inputs
+
+
+def _digest(payload) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def path_hash(path: str | Path) -> str:
+    """A file's content hash; for a stats folder its manifest; for a checkpoint its weights and
+    lmprune.json."""
+    from lmprune.models import file_sha256, folder_weights_sha256
+
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    if (path / "manifest.json").is_file():
+        return file_sha256(path / "manifest.json")
+    if (path / "config.json").is_file():
+        lineage = path / "lmprune.json"
+        files = sorted(p for p in path.iterdir() if p.is_file())
+        # Weights are hashed once per process and version of the files (several stages read
+        # the same checkpoint).
+        stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+        if stamp not in _WEIGHT_HASHES:
+            _WEIGHT_HASHES[stamp] = _digest([folder_weights_sha256(path),
+                                             file_sha256(lineage) if lineage.is_file() else None])
+        return _WEIGHT_HASHES[stamp]
+    return "missing"
+
+
+_WEIGHT_HASHES: dict[tuple, str] = {}
+
+
+def source_hash(spec: str) -> str:
+    """A model name or corpus spec: its local file's hash where it has one, else the text."""
+    from lmprune.data import resolve_spec
+
+    source = Path(resolve_spec(spec).partition("?")[0]).expanduser()
+    return _digest([spec, path_hash(source)]) if source.exists() else spec
+
+
+# --------------------------------------------------------------------------------------------
+# Stages
+
+
+@dataclass
+class Stage:
+    name: str
+    config: object
+    action: Callable[[bool], object]
+    """Runs the stage; its argument says whether a killed run with the same key may resume."""
+    outputs: list[Path]
+    inputs: list[Path] = field(default_factory=list)
+    """Upstream outputs (hashed into the key when the stage is reached)."""
+    sources: list[str] = field(default_factory=list)
+    """Model names and corpus specs (hashed by content where local)."""
+
+    def key(self, root: Path) -> str:
+        """Hash of the settings and inputs. Paths inside the run folder count relative to it,
+        so a moved or copied run folder is still up to date."""
+        config = dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) \
+            else self.config
+        text = json.dumps({"stage": self.name, "config": config}, sort_keys=True, default=str)
+        return _digest({"settings": text.replace(str(root), "<run>"),
+                        "inputs": [path_hash(p) for p in self.inputs],
+                        "sources": [source_hash(s) for s in self.sources]})
+
+
+class RunFolder:
+    """Paths of one run and its stage markers."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.stats = self.root / "stats"
+        self.modules = self.root / "modules.json"
+        self.pruned = self.root / "pruned"
+        self.finetuned = self.root / "finetuned"
+        self.evals = self.root / "eval"
+        self.report = self.root / "report.md"
+
+    def control(self, seed: int, tuned: bool = False) -> Path:
+        return self.root / (f"control-{seed}" + ("-finetuned" if tuned else ""))
+
+    def eval_json(self, target: str) -> Path:
+        return self.evals / f"{target}.json"
+
+    def marker(self, stage: str) -> Path:
+        return self.root / MARKERS / f"{stage.replace(':', '-')}.json"
+
+    def read_marker(self, stage: str) -> dict | None:
+        path = self.marker(stage)
+        try:
+            return json.loads(path.read_text()) if path.is_file() else None
+        except json.JSONDecodeError:
+            return None
+
+    def write_marker(self, stage: str, payload: dict) -> None:
+        write_text_atomic(self.marker(stage), json.dumps(payload, indent=1, default=str) + "\n")
+
+
+def _exists(path: Path) -> bool:
+    if path.suffix:  # a file
+        return path.is_file()
+    return (path / "manifest.json").is_file() or (path / "config.json").is_file()
+
+
+def eval_targets(recipe: Recipe, folder: RunFolder) -> list[tuple[str, str, list[Path]]]:
+    """(name, model, upstream paths) of every evaluation, in order; the last is the final one."""
+    seeds = recipe.control.seeds
+    targets = [("base", recipe.run.model, []), ("pruned", str(folder.pruned), [folder.pruned])]
+    targets += [(f"control-{s}", str(folder.control(s)), [folder.control(s)]) for s in seeds]
+    if recipe.finetune is not None:
+        targets.append(("finetuned", str(folder.finetuned), [folder.finetuned]))
+        if recipe.control.finetune:
+            targets += [(f"control-{s}-finetuned", str(folder.control(s, True)),
+                         [folder.control(s, True)]) for s in seeds]
+    return targets
+
+
+def final_target(recipe: Recipe) -> str:
+    return "finetuned" if recipe.finetune is not None else "pruned"
+
+
+def plan_stages(recipe: Recipe, folder: RunFolder) -> list[Stage]:
+    from lmprune.collect import run_collect
+    from lmprune.evaluate.command import evaluate, summary
+    from lmprune.finetune import build_evaluator, finetune
+    from lmprune.locate.run import run as run_locate
+    from lmprune.prune import run as run_prune
+    from lmprune.report import write_run_report
+
+    model = recipe.run.model
+    replace = dataclasses.replace
+    stages = []
+
+    collect = replace(recipe.collect, model=model, out=str(folder.stats))
+    stages.append(Stage(
+        "collect", collect, lambda resume: run_collect(replace(collect, resume=resume)),
+        [folder.stats], sources=[model, collect.offensive, collect.clean]))
+
+    locate_cfg = replace(recipe.locate, model=model, stats=str(folder.stats),
+                         out=str(folder.modules))
+    stages.append(Stage("locate", locate_cfg, lambda resume: run_locate(locate_cfg),
+                        [folder.modules], [folder.stats], [model]))
+
+    prune_cfg = replace(recipe.prune, model=model, out=str(folder.pruned),
+                        modules=str(folder.modules),
+                        stats=recipe.prune.stats or str(folder.stats))
+    prune_sources = [model] + [s for s in (prune_cfg.offensive, prune_cfg.clean) if s]
+    stages.append(Stage("prune", prune_cfg, lambda resume: run_prune(prune_cfg),
+                        [folder.pruned], [folder.modules, folder.stats], prune_sources))
+
+    for seed in recipe.control.seeds:
+        control = replace(prune_cfg, mode="random", like=str(folder.pruned), seed=seed,
+                          out=str(folder.control(seed)))
+        stages.append(Stage(f"control-{seed}", control,
+                            lambda resume, c=control: run_prune(c),
+                            [folder.control(seed)], [folder.pruned], [model]))
+
+    def eval_stage(target: str, target_model: str, upstream: list[Path]) -> Stage:
+        final = target == final_target(recipe)
+        cfg = replace(recipe.eval, model=target_model, json=str(folder.eval_json(target)),
+                      fail_above=recipe.eval.fail_above if final else [],
+                      fail_below=recipe.eval.fail_below if final else [])
+
+        def action(resume: bool):
+            print(summary(evaluate(cfg)))
+
+        # a run-folder checkpoint is an input (hashed by content); the base model a source
+        models = [] if upstream else [target_model]
+        return Stage(f"eval:{target}", cfg, action, [folder.eval_json(target)], upstream,
+                     [*models, cfg.prompts, cfg.ppl_data])
+
+    targets = eval_targets(recipe, folder)
+    tuned_targets = [t for t in targets if t[0].endswith("finetuned")]
+    for target in targets:
+        if target not in tuned_targets:
+            stages.append(eval_stage(*target))
+
+    if recipe.finetune is not None:
+        pairs = [(folder.pruned, folder.finetuned, "finetune")]
+        if recipe.control.finetune:
+            pairs += [(folder.control(s), folder.control(s, True), f"finetune:control-{s}")
+                      for s in recipe.control.seeds]
+        for source, out, name in pairs:
+            cfg = replace(recipe.finetune, model=str(source), out=str(out), base_model=model)
+            if source != folder.pruned:  # controls: same training, no relearning curve
+                cfg = replace(cfg, eval_every=0)
+
+            def tune(resume: bool, cfg=cfg):
+                if not resume:  # other settings than the killed run: start over
+                    shutil.rmtree(Path(cfg.out) / "checkpoints", ignore_errors=True)
+                finetune(cfg, build_evaluator(cfg))
+
+            stages.append(Stage(name, cfg, tune, [out], [source],
+                                [model, cfg.data, cfg.eval_prompts, cfg.ppl_data]))
+        for target in tuned_targets:
+            stages.append(eval_stage(*target))
+
+    report_inputs = [folder.eval_json(t[0]) for t in targets] + [folder.modules, folder.pruned]
+    if recipe.finetune is not None:
+        report_inputs.append(folder.finetuned)
+    stages.append(Stage(
+        "report", {"report": dataclasses.asdict(recipe.report), "title": recipe.run.title},
+        lambda resume: write_run_report(folder, recipe), [folder.report], report_inputs))
+    return stages
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    return f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
+
+
+def run_pipeline(recipe: Recipe) -> int:
+    """Run (or skip) every stage of the recipe; returns the exit code (1: a gate failed)."""
+    from lmprune.evaluate.command import gate_failures
+
+    folder = RunFolder(recipe.run.out)
+    folder.root.mkdir(parents=True, exist_ok=True)
+    record = folder.root / "recipe.yaml"
+    text = yaml.safe_dump(recipe.values, sort_keys=False)
+    if not record.is_file() or record.read_text(encoding="utf-8") != text:
+        write_text_atomic(record, text)
+    stages = plan_stages(recipe, folder)
+    started_all = time.time()
+    for number, stage in enumerate(stages, 1):
+        tag = f"[{number}/{len(stages)}] {stage.name}"
+        key = stage.key(folder.root)
+        marker = folder.read_marker(stage.name) or {}
+        if (marker.get("state") == "done" and marker.get("key") == key
+                and all(_exists(p) for p in stage.outputs)):
+            print(f"lmprune run: {tag}: skipped (up to date)", flush=True)
+            continue
+        resume = marker.get("state") == "started" and marker.get("key") == key
+        folder.write_marker(stage.name, {"stage": stage.name, "state": "started", "key": key,
+                                         "time": _now()})
+        print(f"lmprune run: {tag}: {'resumed' if resume else 'started'}", flush=True)
+        t0 = time.time()
+        stage.action(resume)
+        seconds = time.time() - t0
+        folder.write_marker(stage.name, {
+            "stage": stage.name, "state": "done", "key": key, "time": _now(),
+            "seconds": round(seconds, 1), "outputs": [str(p) for p in stage.outputs],
+            "config": dataclasses.asdict(stage.config) if dataclasses.is_dataclass(stage.config)
+            else stage.config})
+        print(f"lmprune run: {tag}: done in {_duration(seconds)}", flush=True)
+    print(f"lmprune run: finished in {_duration(time.time() - started_all)}; report: "
+          f"{folder.report}", flush=True)
+    final = json.loads(folder.eval_json(final_target(recipe)).read_text())
+    failures = gate_failures(final)
+    for message in failures:
+        print(f"lmprune: {message}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def cmd_run(args) -> int:
+    recipe = load_recipe(args.recipe, args.set or [], args.out)
+    return run_pipeline(recipe)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "run", help="Run a recipe: collect, locate, prune, evaluate, fine-tune, report.",
+        description="Run a recipe (YAML: top-level model and out, one section per stage with "
+                    "that stage's settings) end to end; stages whose inputs and settings are "
+                    "unchanged are skipped, and a killed run resumes.")
+    parser.add_argument("recipe", metavar="RECIPE", help="Recipe YAML file (see recipes/).")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="Override a recipe value, e.g. collect.max_docs=200 or out=runs/x "
+                             "(the value is read as YAML; repeatable).")
+    parser.add_argument("--out", default=None, help="Run folder (overrides the recipe's out).")
+    parser.set_defaults(func=cmd_run)

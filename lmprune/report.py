@@ -1,0 +1,309 @@
+"""The report of a `lmprune run` folder (`report.md`), its toxicity-vs-perplexity plot, and the
+model cards of the pruned and fine-tuned checkpoints.
+
+Everything is read back from the files the stages wrote (eval JSON and continuations, the module
+map, the checkpoints' lmprune.json, the relearning curve), so the report says what is on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from lmprune.io import write_text_atomic
+
+PLOT_FILE = "toxicity_vs_perplexity.png"
+CONTENT_WARNING = ("> **Content warning.** The examples below are model outputs for prompts "
+                   "chosen to provoke offensive text; they contain offensive language.")
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def _with_interval(tox: dict, key: str) -> str:
+    low, high = tox.get(f"{key}_interval") or (None, None)
+    if low is None:
+        return _fmt(tox.get(key))
+    return f"{_fmt(tox[key])} [{_fmt(low)}, {_fmt(high)}]"
+
+
+def _ppl(ev: dict) -> float | None:
+    return ((ev.get("perplexity") or {}).get("sliding_window") or {}).get("token_perplexity")
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a markdown table cell."""
+    text = " ".join(str(text).split()).replace("<", "&lt;")
+    for char in "\\|*_`[]":  # markdown syntax shown as written
+        text = text.replace(char, "\\" + char)
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+def results_table(rows: list[tuple[str, str, dict, int | None]]) -> list[str]:
+    """rows: (label, stage description, eval result, neurons zeroed)."""
+    lines = ["| model | neurons zeroed | Expected Max. Toxicity | Toxicity Probability | "
+             "mean toxicity | perplexity |",
+             "|---|---:|---|---|---|---:|"]
+    for label, _, ev, zeroed in rows:
+        tox = ev.get("toxicity") or {}
+        lines.append(f"| {label} | {'–' if zeroed is None else f'{zeroed:,}'} | "
+                     f"{_with_interval(tox, 'expected_max_toxicity')} | "
+                     f"{_with_interval(tox, 'toxicity_probability')} | "
+                     f"{_with_interval(tox, 'mean_toxicity')} | {_fmt(_ppl(ev), 2)} |")
+    return lines
+
+
+def protocol_text(ev: dict) -> str:
+    tox, ppl = ev.get("toxicity") or {}, ev.get("perplexity") or {}
+    parts = []
+    if tox:
+        prompts = tox.get("prompts") or {}
+        decoding = tox.get("decoding") or {}
+        parts.append(
+            f"Toxicity: scorer `{tox['scorer']}`; {tox['num_prompts']} prompts of "
+            f"`{prompts.get('spec', '?')}` x {tox['samples_per_prompt']} sampled continuations "
+            f"each (top-p {decoding.get('top_p')}, {decoding.get('max_new_tokens')} new tokens, "
+            f"seed {decoding.get('seed')}); a prompt counts as toxic when a continuation scores "
+            f">= {tox.get('threshold', 0.5)}; 95% bootstrap intervals over prompts in brackets.")
+        if tox["samples_per_prompt"] < 25:
+            parts.append(f"This is a reduced protocol ({tox['num_prompts']} prompts x "
+                         f"{tox['samples_per_prompt']} samples instead of the published 25 "
+                         f"samples per prompt on all challenging prompts), sized to run on a "
+                         f"CPU: compare only with figures measured the same way.")
+    if ppl:
+        sw = ppl["sliding_window"]
+        corpus = ppl.get("corpus") or {}
+        parts.append(f"Perplexity: token-level, sliding window (Hugging Face's guide, window "
+                     f"{sw['max_length']}, stride {sw['stride']}) over the first "
+                     f"{ppl['tokens']:,} tokens of `{corpus.get('spec', '?')}`.")
+    return " ".join(parts)
+
+
+def plot_tradeoff(points: list[tuple[str, dict]], path: Path) -> Path | None:
+    """Toxicity Probability (with its interval) against perplexity, one point per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    usable = [(label, ev) for label, ev in points
+              if (ev.get("toxicity") or {}).get("toxicity_probability") is not None
+              and _ppl(ev) is not None]
+    if not usable:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for i, (label, ev) in enumerate(usable):
+        tox = ev["toxicity"]
+        value = tox["toxicity_probability"]
+        low, high = tox.get("toxicity_probability_interval") or (value, value)
+        ax.errorbar([_ppl(ev)], [value], yerr=[[value - low], [high - value]], fmt="o",
+                    capsize=4, color=f"C{i}", label=label)
+    ax.set_xlabel("perplexity (sliding-window, token level)")
+    ax.set_ylabel("Toxicity Probability (95% interval)")
+    ax.set_title(f"toxicity vs perplexity ({usable[0][1]['toxicity']['scorer'].split(' ')[0]})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def modules_section(mmap: dict, lineage: dict, run_dir: Path, modules_file: Path) -> list[str]:
+    settings = mmap.get("settings") or {}
+    modules = mmap["modules"]
+    record = lineage.get("modules") or {}
+    chosen_ids = record.get("ids") or []
+    by_id = {m["id"]: m for m in modules}
+    exact = sum(1 for m in modules if m["scores"].get("causal_measured") == "ablation")
+    lines = ["## Modules", "",
+             f"{len(modules)} modules ({settings.get('method')} clustering, k = "
+             f"{settings.get('k')}, scope {settings.get('scope')}, kNN {settings.get('knn')}) "
+             f"from co-activation graphs; {exact} of them were ablated for real (the rest "
+             f"carry a first-order estimate). Causal effect = Δloss offensive − Δloss clean on "
+             f"held-out text; selectivity = causal / (|Δloss offensive| + |Δloss clean|), 1 "
+             f"when only the offensive loss moves. Controls: random neuron sets of the same "
+             f"per-layer sizes.", ""]
+    rule = f"`--select {record.get('select')}`, ranked by `{record.get('rank_by')}`"
+    if record.get("min_selectivity") is not None:
+        rule += (f", only modules with selectivity >= {record['min_selectivity']} "
+                 f"({record.get('eligible')} eligible)")
+    lines += [f"Pruned: {len(chosen_ids)} module(s), {lineage.get('num_pruned', 0):,} neurons "
+              f"({lineage.get('fraction_pruned', 0):.2%} of the MLP neurons); rule: {rule}.", ""]
+    if chosen_ids:
+        lines += ["| id | size | layers | causal | Δloss off | Δloss clean | selectivity | "
+                  "control percentile | control z |",
+                  "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for mid in chosen_ids:
+            m = by_id[mid]
+            s = m["scores"]
+            layers = ", ".join(map(str, m["layers"]))
+            lines.append(f"| {mid} | {m['size']} | {layers} | {_fmt(s.get('causal'), 4)} | "
+                         f"{_fmt(s.get('loss_delta_offensive'), 4)} | "
+                         f"{_fmt(s.get('loss_delta_clean'), 4)} | "
+                         f"{_fmt(s.get('selectivity'), 2)} | "
+                         f"{_fmt(s.get('control_percentile'), 2)} | "
+                         f"{_fmt(s.get('control_z'), 2)} |")
+        lines.append("")
+    clus = mmap.get("clusterability") or {}
+    if clus:
+        lines += ["### Clusterability", "",
+                  f"n-cut of the partition {_fmt(clus.get('ncut'), 2)} vs "
+                  f"{_fmt(clus.get('shuffled_mean'), 2)} on weight-shuffled graphs "
+                  f"({clus.get('num_shuffles')} shuffles per graph, "
+                  f"{len(clus.get('per_graph') or {})} graphs): combined z = "
+                  f"{_fmt(clus.get('z'), 2)}, largest p = {_fmt(clus.get('p_max'), 3)} "
+                  f"(lower n-cut than shuffled, negative z: more modular than chance).", ""]
+    stem = modules_file.with_suffix("").name
+    for suffix, caption in (("_specificity", "module specificity vs causal effect, with "
+                             "controls"), ("_ncut", "n-cut vs shuffled graphs")):
+        plot = modules_file.with_name(f"{stem}{suffix}.png")
+        if plot.is_file():
+            lines += [f"![{caption}]({plot.relative_to(run_dir).as_posix()})", ""]
+    return lines
+
+
+def relearning_section(curve: dict, run_dir: Path, plot: Path) -> list[str]:
+    lines = ["## Relearning during fine-tuning", "",
+             "Toxicity and perplexity re-measured while fine-tuning the pruned model on clean "
+             "text with the pruned weights held at zero (a smaller evaluation than the table "
+             "above: compare the points with each other, not with the table).", ""]
+    if plot.is_file():
+        lines += [f"![relearning curve]({plot.relative_to(run_dir).as_posix()})", ""]
+    points = curve.get("points") or []
+    metrics = sorted({k for p in points for k in p["metrics"]}, key=lambda k: ("toxic" not in k, k))
+    if points and metrics:
+        lines += ["| step | " + " | ".join(k.replace("_", " ") for k in metrics) + " |",
+                  "|---:|" + "---:|" * len(metrics)]
+        base = curve.get("base")
+        if base:
+            lines.append("| unpruned base | " + " | ".join(_fmt(base.get(k)) for k in metrics)
+                         + " |")
+        stride = math.ceil(len(points) / 12)  # at most about a dozen rows; the last always
+        shown = points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])
+        for p in shown:
+            lines.append(f"| {p['step']} | "
+                         + " | ".join(_fmt(p["metrics"].get(k)) for k in metrics) + " |")
+        lines.append("")
+    return lines
+
+
+def _records(eval_json: Path, ev: dict) -> list[dict]:
+    name = (ev.get("toxicity") or {}).get("records_file")
+    path = eval_json.with_name(name) if name else None
+    if path is None or not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def examples_section(models: list[tuple[str, Path, dict]], count: int) -> list[str]:
+    """The prompts on which the first model was most toxic, with each model's most toxic
+    continuation for them."""
+    records = {label: _records(path, ev) for label, path, ev in models}
+    first = records[models[0][0]]
+    if count <= 0 or not first:
+        return []
+    worst = sorted(first, key=lambda r: -r["max_score"])[:count]
+    lines = ["## Examples", "", CONTENT_WARNING, "",
+             "For the prompts on which the base model's continuations scored highest: each "
+             "model's highest-scoring continuation (score in brackets).", ""]
+    for rec in worst:
+        lines += [f"**Prompt:** {_cell(rec['prompt'])}", "", "| model | continuation |",
+                  "|---|---|"]
+        for label, _, _ in models:
+            other = next((r for r in records[label] if r["index"] == rec["index"]), None)
+            if other is None:
+                continue
+            j = max(range(len(other["scores"])), key=other["scores"].__getitem__)
+            lines.append(f"| {label} | {_cell(other['continuations'][j])} "
+                         f"({other['scores'][j]:.2f}) |")
+        lines.append("")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# The whole report
+
+
+def write_run_report(folder, recipe) -> Path:
+    """report.md of a run folder (a `lmprune.pipeline.RunFolder`), its plot, the model cards."""
+    from lmprune.modelcard import CONTENT_WARNING as CARD_WARNING
+    from lmprune.modelcard import write_model_card
+    from lmprune.pipeline import eval_targets, final_target
+
+    run_dir = folder.root
+    evals = {name: _read_json(folder.eval_json(name))
+             for name, _, _ in eval_targets(recipe, folder)}
+    lineage = _read_json(folder.pruned / "lmprune.json") or {}
+
+    def zeroed(name: str) -> int | None:
+        checkpoint = {"base": None, "pruned": folder.pruned,
+                      "finetuned": folder.finetuned}.get(name)
+        if checkpoint is None and name.startswith("control-"):
+            checkpoint = run_dir / name
+        meta = _read_json(checkpoint / "lmprune.json") if checkpoint else None
+        return (meta or {}).get("num_pruned", 0 if checkpoint else None)
+
+    labels = {"base": "base (unpruned)", "pruned": "after pruning",
+              "finetuned": "after pruning + fine-tuning"}
+
+    def label(name: str) -> str:
+        if name in labels:
+            return labels[name]
+        seed = name.split("-")[1]
+        tuned = " + fine-tuning" if name.endswith("finetuned") else ""
+        return f"random control (seed {seed}){tuned}"
+
+    rows = [(label(name), name, ev, zeroed(name)) for name, ev in evals.items() if ev]
+    base_ev = evals.get("base") or {}
+    title = recipe.run.title or f"lmprune run: {recipe.name}"
+    lines = [f"# {title}", "", CARD_WARNING, "",
+             f"Model `{recipe.run.model}`; offensive corpus `{recipe.collect.offensive}`, clean "
+             f"corpus `{recipe.collect.clean}`"
+             + (f"; fine-tuned on `{recipe.finetune.data}` for "
+                f"{recipe.finetune.max_steps or 'one epoch of'} steps"
+                if recipe.finetune is not None else "")
+             + ". The recipe as run: [recipe.yaml](recipe.yaml).", "",
+             "## Results", ""]
+    lines += results_table(rows)
+    lines += ["", protocol_text(base_ev), ""]
+    plot = plot_tradeoff([(label, ev) for label, _, ev, _ in rows], run_dir / PLOT_FILE)
+    if plot is not None:
+        lines += [f"![toxicity vs perplexity]({PLOT_FILE})", ""]
+
+    mmap = _read_json(folder.modules)
+    if mmap:
+        lines += modules_section(mmap, lineage, run_dir, folder.modules)
+    curve = _read_json(folder.finetuned / "relearning.json")
+    if curve:
+        lines += relearning_section(curve, run_dir, folder.finetuned / "relearning.png")
+    shown = [(label(name), folder.eval_json(name), ev) for name, ev in evals.items()
+             if ev and not name.startswith("control-")]
+    lines += examples_section(shown, recipe.report.examples)
+
+    cards = []
+    for name, checkpoint in (("pruned", folder.pruned), ("finetuned", folder.finetuned)):
+        if evals.get(name) and (checkpoint / "lmprune.json").is_file():
+            write_model_card(checkpoint, eval_results=evals[name], base_eval=evals.get("base"))
+            cards.append(f"[{name}/README.md]({name}/README.md)")
+    if cards:
+        lines += ["## Checkpoints", "",
+                  f"Final model: `{final_target(recipe)}/`. Model cards: {', '.join(cards)}.",
+                  ""]
+    write_text_atomic(folder.report, "\n".join(lines).rstrip() + "\n")
+    return folder.report

@@ -1,0 +1,284 @@
+"""`lmprune run RECIPE` end to end on the tiny planted model: every stage, the report and the
+model card; a rerun skips every stage; `--set` reruns one stage and those after it; bad recipes
+are refused before any output; a run killed with SIGKILL completes when run again."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from planted import PLANTED, corpora, planted_model
+from safetensors.torch import load_file
+
+from lmprune.cli import main
+from lmprune.models import save_model
+from lmprune.pipeline import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+WIKI = ("The river runs through the old town and the bridge is made of stone . " * 4 + "\n") * 30
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run far faster on one thread when other work shares the 2 cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """The planted model (a real module to find), its corpora, prompts and clean text."""
+    root = tmp_path_factory.mktemp("pipeline")
+    model, tok = planted_model()
+    save_model(model, tok, root / "model")
+    offensive, clean = corpora(docs=80)
+    (root / "off.txt").write_text("\n".join(offensive))
+    (root / "clean.txt").write_text("\n".join(clean))
+    (root / "prompts.txt").write_text("\n".join(o.split(" xq")[0] + " x" for o in offensive[:6]))
+    (root / "wiki.txt").write_text(WIKI)
+    return root
+
+
+def recipe_values(inputs: Path, out: Path) -> dict:
+    evaluation = dict(prompts=str(inputs / "prompts.txt"), limit=4, samples=3,
+                      max_new_tokens=5, bootstrap=50, ppl_data=str(inputs / "wiki.txt"),
+                      ppl_max_tokens=400, ppl_max_length=64, ppl_stride=32, progress=False)
+    return {
+        "model": str(inputs / "model"), "out": str(out), "device": "cpu",
+        "collect": dict(offensive=str(inputs / "off.txt"), clean=str(inputs / "clean.txt"),
+                        max_docs=40, coact_token_fraction=1.0, top_k_global=16,
+                        checkpoint_every=1),
+        "locate": dict(k=6, knn=7, heldout_docs=20, exact=4, controls=5, exact_controls=1,
+                       shuffles=3, clusterability_layers=1),
+        "prune": dict(select="top:1", min_selectivity=0.5),
+        "control": dict(seeds=[1]),
+        "eval": evaluation,
+        "finetune": dict(data=str(inputs / "wiki.txt"), max_steps=4, batch_size=2, seq_len=32,
+                         lr=1e-3, eval_every=2, eval_prompts=str(inputs / "prompts.txt"),
+                         eval_limit=2, eval_samples=2, eval_max_new_tokens=4,
+                         ppl_data=str(inputs / "wiki.txt"), ppl_max_tokens=200,
+                         ppl_max_length=64, ppl_stride=32, checkpoint_every=2),
+    }
+
+
+def write_recipe(path: Path, values: dict) -> Path:
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def stage_lines(out: str) -> dict[str, str]:
+    """{stage: started|resumed|skipped} from the runner's progress lines (the first per stage;
+    a stage that ran also prints "done in ...")."""
+    states = {}
+    for line in out.splitlines():
+        if line.startswith("lmprune run: ["):
+            stage, state = line.split("] ", 1)[1].split(": ", 1)
+            states.setdefault(stage, state.split(" ")[0])
+    return states
+
+
+def mtimes(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_mtime_ns
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished(inputs, tmp_path_factory):
+    """One complete run, and the captured output of running it."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    recipe = write_recipe(inputs / "recipe.yaml", recipe_values(inputs, out))
+    code, text = _run_inline([str(recipe)])
+    assert code == 0, text[-3000:]
+    return recipe, out, text
+
+
+def _run_inline(argv: list[str]) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = main(["run", *argv])
+    return code, buffer.getvalue()
+
+
+STAGES = ["collect", "locate", "prune", "control-1", "eval:base", "eval:pruned",
+          "eval:control-1", "finetune", "eval:finetuned", "report"]
+
+
+def test_the_chain_runs_end_to_end_and_prunes_the_planted_module(finished):
+    _, out, text = finished
+    assert list(stage_lines(text)) == STAGES
+    assert set(stage_lines(text).values()) == {"started"}
+    assert text.count(": done in ") == len(STAGES)
+    lineage = json.loads((out / "pruned" / "lmprune.json").read_text())
+    pruned = lineage["pruned_neurons"]
+    assert list(pruned) == ["1"] and set(PLANTED) <= set(pruned["1"]) \
+        and len(pruned["1"]) <= len(PLANTED) + 2, "the planted module is what was pruned"
+    assert lineage["modules"]["min_selectivity"] == 0.5
+    # the control has the same per-layer count, other neurons
+    control = json.loads((out / "control-1" / "lmprune.json").read_text())["pruned_neurons"]
+    assert len(control["1"]) == len(pruned["1"]) and control["1"] != pruned["1"]
+    # the fine-tuned weights keep the pruned neurons at exactly zero
+    weights = load_file(out / "finetuned" / "model.safetensors")
+    assert not weights["model.layers.1.mlp.down_proj.weight"][:, pruned["1"]].any()
+    for name in ("base", "pruned", "control-1", "finetuned"):
+        result = json.loads((out / "eval" / f"{name}.json").read_text())
+        assert result["toxicity"]["num_prompts"] == 4 and result["perplexity"]["tokens"] == 400
+
+
+def test_report_has_the_table_plots_and_the_card(finished):
+    _, out, _ = finished
+    report = (out / "report.md").read_text()
+    pruned = json.loads((out / "eval" / "pruned.json").read_text())
+    tp = pruned["toxicity"]["toxicity_probability"]
+    ppl = pruned["perplexity"]["sliding_window"]["token_perplexity"]
+    row = next(line for line in report.splitlines() if line.startswith("| after pruning |"))
+    assert f"{tp:.3f}" in row and f"{ppl:.2f}" in row
+    for label in ("| base (unpruned) |", "| random control (seed 1) |",
+                  "| after pruning + fine-tuning |"):
+        assert label in report
+    assert "profanity_check" in report and "4 prompts" in report and "x 3 sampled" in report
+    assert "Content warning" in report and "**Prompt:**" in report
+    for link in ("toxicity_vs_perplexity.png", "modules_specificity.png",
+                 "finetuned/relearning.png"):
+        assert f"]({link})" in report
+        assert (out / link).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (out / "finetuned" / "README.md").read_text()
+    assert "model-index" in card and "Toxicity Probability" in card
+
+
+def test_second_run_skips_every_stage(finished):
+    recipe, out, _ = finished
+    before = mtimes(out)
+    code, text = _run_inline([str(recipe)])
+    assert code == 0
+    assert stage_lines(text) == {stage: "skipped" for stage in STAGES}
+    assert mtimes(out) == before, "a skipped stage rewrote a file"
+    # a copied run folder is up to date too (paths inside it count relative to it)
+    copy = out.parent / "copy"
+    shutil.copytree(out, copy)
+    code, text = _run_inline([str(recipe), "--out", str(copy)])
+    assert code == 0
+    assert stage_lines(text) == {stage: "skipped" for stage in STAGES}
+
+
+def test_set_reruns_that_stage_and_the_later_ones_only(finished, tmp_path):
+    recipe, out, _ = finished
+    code, text = _run_inline([str(recipe), "--set", "eval.samples=2"])
+    assert code == 0
+    states = stage_lines(text)
+    assert [s for s in STAGES if states[s] == "skipped"] == [
+        "collect", "locate", "prune", "control-1", "finetune"]
+    assert [s for s in STAGES if states[s] == "started"] == [
+        "eval:base", "eval:pruned", "eval:control-1", "eval:finetuned", "report"]
+    assert json.loads((out / "eval" / "base.json").read_text())["toxicity"][
+        "samples_per_prompt"] == 2
+    assert "x 2 sampled" in (out / "report.md").read_text()
+
+
+def _env(**extra):
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+            "OMP_NUM_THREADS": "1", **extra}
+
+
+def test_killed_run_completes_when_run_again(inputs, tmp_path):
+    """SIGKILL inside collect (its test hook), then during fine-tuning; each rerun goes on."""
+    out = tmp_path / "run"
+    values = recipe_values(inputs, out)
+    values["finetune"]["max_steps"] = 40
+    values["finetune"]["eval_every"] = 1
+    values["control"]["seeds"] = []
+    recipe = write_recipe(tmp_path / "recipe.yaml", values)
+    command = [sys.executable, "-m", "lmprune.cli", "run", str(recipe)]
+    died = subprocess.run(command, env=_env(LMPRUNE_TEST_KILL_AFTER_BATCHES="3"),
+                          capture_output=True, text=True, timeout=240)
+    assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
+    assert (out / "stats" / ".checkpoint").is_dir()
+    assert not (out / "stats" / "manifest.json").exists()
+
+    second = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    checkpoint = out / "finetuned" / "checkpoints" / "step-00000002"
+    deadline = time.time() + 240
+    while not checkpoint.exists() and second.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(second.pid, signal.SIGKILL)
+    text = second.communicate()[0]
+    assert stage_lines(text)["collect"] == "resumed"
+    assert stage_lines(text)["finetune"] == "started", "killed too late: it had finished"
+
+    code, text = _run_inline([str(recipe)])
+    assert code == 0
+    states = stage_lines(text)
+    assert states["collect"] == states["locate"] == states["eval:base"] == "skipped"
+    assert states["finetune"] == "resumed" and states["report"] == "started"
+    history = json.loads((out / "finetuned" / "lmprune.json").read_text())["history"]
+    assert history[-1]["resumed_from"] >= 2
+    assert (out / "report.md").is_file()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda v: v["collect"].update(max_doc=10), "collect: unknown key(s) max_doc"),
+    (lambda v: v["locate"].update(k="twelve"), "locate.k: expected int"),
+    (lambda v: v["collect"].update(offensive="/nowhere/off.txt"),
+     "collect.offensive: corpus file not found: /nowhere/off.txt"),
+    (lambda v: v["finetune"].update(out="elsewhere"), "finetune.out: set by `lmprune run`"),
+    (lambda v: v.update(model="/nowhere/model"), "model: model not found"),
+    (lambda v: v.update(colect={}), "recipe: unknown key(s) colect"),
+    (lambda v: v["prune"].update(select="best:3"), "prune.select: --select must be"),
+    (lambda v: v["eval"].update(fail_above=["toxicity=0.3"]), "eval: --fail-above"),
+])
+def test_bad_recipe_is_refused_before_any_output(inputs, tmp_path, capsys, edit, message):
+    values = recipe_values(inputs, tmp_path / "run")
+    edit(values)
+    recipe = write_recipe(tmp_path / "recipe.yaml", values)
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_set_values_are_refused(inputs, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "recipe.yaml", recipe_values(inputs, tmp_path / "run"))
+    assert main(["run", str(recipe), "--set", "collect.max_docs=many"]) == 2
+    assert "collect.max_docs: expected int" in capsys.readouterr().err
+    assert main(["run", str(recipe), "--set", "colect.max_docs=3"]) == 2
+    assert "unknown section 'colect'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def test_the_default_recipe_and_the_hub_one_are_shipped():
+    assert {p.name for p in RECIPES} >= {"smollm2-paradetox.yaml", "gpt2-large-rtp.yaml",
+                                         "gemma3-270m-paradetox.yaml"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    """Keys and types of every recipe; for the offline ones (a bundled model), also that the
+    model and every local data file are there."""
+    import importlib.util
+
+    from lmprune.models import BUNDLED
+    from lmprune.pipeline import check_inputs
+
+    recipe = load_recipe(path, check_files=False)
+    assert recipe.prune.select and recipe.prune.min_selectivity is not None
+    bundled = BUNDLED.get(recipe.run.model)
+    if bundled is None:  # a Hub model: keys and types only, no network here
+        return
+    if importlib.util.find_spec(bundled.package) is None:
+        pytest.skip(f"{recipe.run.model} is not installed ({bundled.install})")
+    check_inputs(recipe)
