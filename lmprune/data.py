@@ -60,15 +60,20 @@ class Corpus:
     @property
     def sha256(self) -> str:
         """Content hash of the documents (independent of the file format)."""
-        digest = hashlib.sha256()
-        for text in self.texts:
-            digest.update(text.encode())
-            digest.update(b"\0")
-        return digest.hexdigest()
+        return texts_sha256(self.texts)
 
     def describe(self) -> dict:
         return {"spec": self.spec, "resolved": self.resolved, "documents": len(self.texts),
                 "sha256": self.sha256}
+
+
+def texts_sha256(texts: list[str]) -> str:
+    """Hash of a list of texts, each followed by a NUL byte."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def data_dir() -> Path | None:

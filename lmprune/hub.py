@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmprune.config import option, register_stage
-from lmprune.errors import LmpruneError
+from lmprune.errors import LmpruneError, first_line
 from lmprune.modelcard import (
     CARD_FILE,
     LINEAGE_FILE,
@@ -106,11 +106,11 @@ def _explain(err: Exception, repo_id: str, endpoint: str, token: str) -> str:
             message = f"the Hub answered {status}{detail} while pushing to {repo_id}: try again"
     elif _is_transport_error(err):
         message = (f"cannot reach the Hub at {endpoint} ({type(err).__name__}: "
-                   f"{_first_line(err)}): check the network connection or HF_ENDPOINT")
+                   f"{first_line(err)}): check the network connection or HF_ENDPOINT")
     elif isinstance(err, ValueError):
-        message = f"the Hub rejected the push to {repo_id}: {_first_line(err)}"
+        message = f"the Hub rejected the push to {repo_id}: {first_line(err)}"
     else:
-        message = f"pushing to {repo_id} failed ({type(err).__name__}: {_first_line(err)})"
+        message = f"pushing to {repo_id} failed ({type(err).__name__}: {first_line(err)})"
     return message.replace(token, "***") if token else message
 
 
@@ -119,11 +119,6 @@ def _is_transport_error(err: Exception) -> bool:
     (huggingface_hub 2.x uses httpx2, older versions requests; both are matched by module)."""
     module = type(err).__module__.split(".")[0]
     return isinstance(err, OSError) or module in {"httpx", "httpx2", "requests", "urllib3"}
-
-
-def _first_line(err: Exception) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 def push_checkpoint(checkpoint: str | Path, repo_id: str, private: bool = False,

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lmprune.arch import layout_for
-from lmprune.errors import LmpruneError
+from lmprune.errors import LmpruneError, first_line
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,7 @@ def load_config(name: str, revision: str | None = None, trust_remote_code: bool 
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as err:
-        raise LmpruneError(f"cannot read the config of '{name}': {_first_line(err)}") from err
+        raise LmpruneError(f"cannot read the config of '{name}': {first_line(err)}") from err
     _check_causal_lm(config, f"'{name}'")
     layout_for(config.model_type)
     return source, config
@@ -214,7 +214,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "cp
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code,
                                                   **kwargs)
     except (OSError, ValueError) as err:
-        raise LmpruneError(f"cannot load '{name}': {_first_line(err)}") from err
+        raise LmpruneError(f"cannot load '{name}': {first_line(err)}") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
@@ -305,11 +305,6 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | Path,
 def count_parameters(model: nn.Module) -> int:
     """Unique parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def check_identity(recorded: dict, identity: dict, nmap, where: str) -> None:

@@ -9,11 +9,11 @@ Each comes with a percentile-bootstrap 95% interval over prompts (seeded, so rep
 
 from __future__ import annotations
 
-import hashlib
 import time
 
 import numpy as np
 
+from lmprune.data import texts_sha256
 from lmprune.errors import LmpruneError
 from lmprune.evaluate.generate import default_batch_size, sample_continuations
 
@@ -54,15 +54,6 @@ def bootstrap_intervals(scores, resamples: int = 1000, seed: int = 0, level: flo
     return intervals
 
 
-def prompts_sha256(prompts: list[str]) -> str:
-    """Hash of the prompt texts, as `lmprune.data.Corpus.sha256` computes it."""
-    digest = hashlib.sha256()
-    for text in prompts:
-        digest.update(text.encode())
-        digest.update(b"\0")
-    return digest.hexdigest()
-
-
 def evaluate_toxicity(model, tokenizer, prompts: list[str], scorer, samples: int = 25,
                       max_new_tokens: int = 20, top_p: float = 0.9, temperature: float = 1.0,
                       seed: int = 0, batch_size: int | None = None, bootstrap: int = 1000,
@@ -94,7 +85,7 @@ def evaluate_toxicity(model, tokenizer, prompts: list[str], scorer, samples: int
         "scorer": scorer.name,
         "num_prompts": len(prompts),
         "samples_per_prompt": samples,
-        "prompts_sha256": prompts_sha256(prompts),
+        "prompts_sha256": texts_sha256(prompts),
         "threshold": TOXIC_THRESHOLD,
         "decoding": {"max_new_tokens": max_new_tokens, "top_p": top_p,
                      "temperature": temperature, "seed": seed},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -113,7 +112,7 @@ def _heldout(spec: str, used: int, count: int) -> tuple[list[str], dict]:
 
 
 def locate(cfg: LocateConfig) -> dict:
-    from lmprune.models import check_identity, load_model
+    from lmprune.models import check_identity, file_sha256, load_model
 
     started = time.time()
     if not cfg.stats:
@@ -222,7 +221,7 @@ def locate(cfg: LocateConfig) -> dict:
         "num_layers": int(auroc.shape[0]),
         "neurons_per_layer": int(auroc.shape[1]),
         "stats": {"path": str(Path(cfg.stats).resolve()),
-                  "manifest_sha256": _sha256(Path(cfg.stats) / "manifest.json")},
+                  "manifest_sha256": file_sha256(Path(cfg.stats) / "manifest.json")},
         "settings": asdict(cfg),
         "heldout": {"offensive": off_info, "clean": clean_info,
                     "tokens": {"offensive": scorer.offensive.tokens,
@@ -256,10 +255,6 @@ def _aggregate(per_graph: dict[int, dict]) -> dict:
         "num_shuffles": next(iter(per_graph.values()))["num_shuffles"],
         "per_graph": {str(k): v for k, v in per_graph.items()},
     }
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def run(cfg: LocateConfig) -> int:
