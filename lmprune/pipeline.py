@@ -433,23 +433,14 @@ def plan_stages(recipe: Recipe, folder: RunFolder) -> list[Stage]:
     return stages
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     if seconds < 60:
         return f"{seconds:.1f} s"
     return f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
 
 
-def run_pipeline(recipe: Recipe) -> int:
-    """Run (or skip) every stage of the recipe; returns the exit code (1: a gate failed)."""
-    from lmprune.evaluate.command import gate_failures
-
-    folder = RunFolder(recipe.run.out)
-    folder.root.mkdir(parents=True, exist_ok=True)
-    record = folder.root / "recipe.yaml"
-    text = yaml.safe_dump(recipe.values, sort_keys=False)
-    if not record.is_file() or record.read_text(encoding="utf-8") != text:
-        write_text_atomic(record, text)
-    stages = plan_stages(recipe, folder)
+def execute_stages(stages: list[Stage], folder: RunFolder, command: str = "run") -> float:
+    """Run each stage whose marker is not done with the same key; returns the wall seconds."""
     started_all = time.time()
     for number, stage in enumerate(stages, 1):
         tag = f"[{number}/{len(stages)}] {stage.name}"
@@ -457,12 +448,12 @@ def run_pipeline(recipe: Recipe) -> int:
         marker = folder.read_marker(stage.name) or {}
         if (marker.get("state") == "done" and marker.get("key") == key
                 and all(_exists(p) for p in stage.outputs)):
-            print(f"lmprune run: {tag}: skipped (up to date)", flush=True)
+            print(f"lmprune {command}: {tag}: skipped (up to date)", flush=True)
             continue
         resume = marker.get("state") == "started" and marker.get("key") == key
         folder.write_marker(stage.name, {"stage": stage.name, "state": "started", "key": key,
                                          "time": _now()})
-        print(f"lmprune run: {tag}: {'resumed' if resume else 'started'}", flush=True)
+        print(f"lmprune {command}: {tag}: {'resumed' if resume else 'started'}", flush=True)
         t0 = time.time()
         stage.action(resume)
         seconds = time.time() - t0
@@ -471,9 +462,27 @@ def run_pipeline(recipe: Recipe) -> int:
             "seconds": round(seconds, 1), "outputs": [str(p) for p in stage.outputs],
             "config": dataclasses.asdict(stage.config) if dataclasses.is_dataclass(stage.config)
             else stage.config})
-        print(f"lmprune run: {tag}: done in {_duration(seconds)}", flush=True)
-    print(f"lmprune run: finished in {_duration(time.time() - started_all)}; report: "
-          f"{folder.report}", flush=True)
+        print(f"lmprune {command}: {tag}: done in {duration(seconds)}", flush=True)
+    return time.time() - started_all
+
+
+def record_recipe(folder: RunFolder, values: dict) -> None:
+    """The recipe as run (after overrides), beside the results."""
+    folder.root.mkdir(parents=True, exist_ok=True)
+    record = folder.root / "recipe.yaml"
+    text = yaml.safe_dump(values, sort_keys=False)
+    if not record.is_file() or record.read_text(encoding="utf-8") != text:
+        write_text_atomic(record, text)
+
+
+def run_pipeline(recipe: Recipe) -> int:
+    """Run (or skip) every stage of the recipe; returns the exit code (1: a gate failed)."""
+    from lmprune.evaluate.command import gate_failures
+
+    folder = RunFolder(recipe.run.out)
+    record_recipe(folder, recipe.values)
+    seconds = execute_stages(plan_stages(recipe, folder), folder)
+    print(f"lmprune run: finished in {duration(seconds)}; report: {folder.report}", flush=True)
     final = json.loads(folder.eval_json(final_target(recipe)).read_text())
     failures = gate_failures(final)
     for message in failures:

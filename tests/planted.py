@@ -6,6 +6,8 @@ the model predict 'q' next: a module that carries the "offensive" pattern "xq" a
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from tiny_models import tiny_model, tiny_tokenizer
@@ -69,3 +71,21 @@ def planted_setup(tmp_path, used: int = 40):
                  "--top-k-global", "16"])
     assert code == 0
     return tmp_path
+
+
+WIKI = ("The river runs through the old town and the bridge is made of stone . " * 4 + "\n") * 30
+
+
+def write_run_inputs(root: Path) -> Path:
+    """What a recipe needs, on disk: the planted model, its corpora, prompts that end in 'x'
+    (the planted module's trigger) and clean text for fine-tuning and perplexity."""
+    from lmprune.models import save_model
+
+    model, tok = planted_model()
+    save_model(model, tok, root / "model")
+    offensive, clean = corpora(docs=80)
+    (root / "off.txt").write_text("\n".join(offensive))
+    (root / "clean.txt").write_text("\n".join(clean))
+    (root / "prompts.txt").write_text("\n".join(o.split(" xq")[0] + " x" for o in offensive[:6]))
+    (root / "wiki.txt").write_text(WIKI)
+    return root

@@ -14,15 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from planted import PLANTED, corpora, planted_model
+from planted import PLANTED, write_run_inputs
 from safetensors.torch import load_file
 
 from lmprune.cli import main
-from lmprune.models import save_model
 from lmprune.pipeline import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-WIKI = ("The river runs through the old town and the bridge is made of stone . " * 4 + "\n") * 30
 
 
 @pytest.fixture(autouse=True)
@@ -37,15 +35,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """The planted model (a real module to find), its corpora, prompts and clean text."""
-    root = tmp_path_factory.mktemp("pipeline")
-    model, tok = planted_model()
-    save_model(model, tok, root / "model")
-    offensive, clean = corpora(docs=80)
-    (root / "off.txt").write_text("\n".join(offensive))
-    (root / "clean.txt").write_text("\n".join(clean))
-    (root / "prompts.txt").write_text("\n".join(o.split(" xq")[0] + " x" for o in offensive[:6]))
-    (root / "wiki.txt").write_text(WIKI)
-    return root
+    return write_run_inputs(tmp_path_factory.mktemp("pipeline"))
 
 
 def recipe_values(inputs: Path, out: Path) -> dict:
