@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from planted import PLANTED, planted_setup
+from planted import PLANTED, corpora, planted_setup
 from sklearn.metrics import adjusted_rand_score
+from tiny_models import tiny_tokenizer
 
 from lmprune.cli import main
 from lmprune.errors import LmpruneError
@@ -123,6 +124,24 @@ def test_global_scope_uses_the_candidates(planted):
     members = {tuple(m) for mod in result["modules"] for m in mod["members"]}
     index = {(1, n) for n in PLANTED}
     assert index <= members
+
+
+def test_toxic_token_loss_counts_only_the_offensive_targets(planted):
+    """With --offensive-loss toxic-tokens the offensive loss is the NLL of the positions that
+    predict an offensive-specific token ('q', 'x' here), and the planted module, which writes
+    'q', moves it far more than the clean loss."""
+    result = _locate(planted, name="t.json", offensive_loss="toxic-tokens", exact=4,
+                     exact_controls=1, controls=5, plots=False)
+    tok = tiny_tokenizer()
+    toxic = {tok.convert_tokens_to_ids(t) for t in result["toxic_tokens"]}
+    assert {tok.convert_tokens_to_ids("q"), tok.convert_tokens_to_ids("x")} <= toxic
+    held = result["heldout"]
+    texts = corpora()[0][held["offensive"]["first"]:][:held["offensive"]["documents"]]
+    expected = sum(sum(t in toxic for t in tok(text).input_ids[1:64]) for text in texts)
+    assert held["tokens"]["offensive"] == expected and held["offensive_loss"] == "toxic-tokens"
+    ari, best = _planted_ari(result)
+    assert ari >= 0.9 and best["id"] == 0
+    assert best["scores"]["loss_delta_offensive"] > 10 * abs(best["scores"]["loss_delta_clean"])
 
 
 def test_stats_for_another_model_are_refused(planted, tmp_path):

@@ -49,6 +49,13 @@ class LocateConfig:
                                "right after the documents the stats were collected on.")
     max_length: int = option(64, "Tokens per held-out document.")
     batch_size: int = option(16, "Held-out documents per forward pass.")
+    offensive_loss: str = option("all", "What the offensive loss counts: every token of the "
+                                 "held-out offensive texts, or only the tokens that predict one "
+                                 "of the --toxic-tokens most offensive-specific tokens (modules "
+                                 "that write offensive words, not all that read them).",
+                                 choices=["all", "toxic-tokens"])
+    toxic_tokens: int = option(100, "Tokens most over-represented in the collected offensive "
+                               "documents against the clean ones (smoothed log-odds).")
     exact: int = option(50, "Modules scored by real ablation (best first by the first-order "
                         "screen); the rest keep the first-order estimate.")
     controls: int = option(20, "Random same-layer, same-size neuron sets per module.")
@@ -111,6 +118,13 @@ def _heldout(spec: str, used: int, count: int) -> tuple[list[str], dict]:
                                         "overlaps_collected": start < used}
 
 
+def _collected(corpus: dict) -> list[str]:
+    """The documents a corpus of the stats manifest contributed."""
+    from lmprune.data import load_corpus
+
+    return load_corpus(corpus["spec"], corpus["documents"]).texts
+
+
 def locate(cfg: LocateConfig) -> dict:
     from lmprune.models import check_identity, file_sha256, load_model
 
@@ -165,14 +179,23 @@ def locate(cfg: LocateConfig) -> dict:
     clean_texts, clean_info = _heldout(corpora["clean"]["spec"], corpora["clean"]["documents"],
                                        cfg.heldout_docs)
     tok, device = loaded.tokenizer, cfg.device
+    # offensive-specific tokens from the collected documents (many more than the held-out ones)
+    toxic_ids = toxic_token_ids(tok, _collected(corpora["offensive"]),
+                                _collected(corpora["clean"]), top=cfg.toxic_tokens)
+    targets = toxic_ids if cfg.offensive_loss == "toxic-tokens" else None
+    if targets is not None and not toxic_ids:
+        raise LmpruneError("--offensive-loss toxic-tokens: no token is over-represented in the "
+                           "offensive corpus; use --offensive-loss all")
     scorer = CausalScorer(
         loaded.model,
-        TokenBatches.build(tok, off_texts, cfg.max_length, cfg.batch_size, device),
+        TokenBatches.build(tok, off_texts, cfg.max_length, cfg.batch_size, device, targets),
         TokenBatches.build(tok, clean_texts, cfg.max_length, cfg.batch_size, device),
     )
+    if scorer.offensive.tokens == 0:
+        raise LmpruneError("the held-out offensive texts contain none of the toxic tokens: "
+                           "raise --heldout-docs or use --offensive-loss all")
     scored = screen_and_score(scorer, [as_layer_dict(m) for m in modules], cfg.exact,
                               cfg.controls, cfg.exact_controls, cfg.seed)
-    toxic_ids = toxic_token_ids(tok, off_texts, clean_texts)
     promotion = output_promotion(loaded.model, toxic_ids) if toxic_ids else None
     timings["scoring_s"] = time.time() - t0
 
@@ -224,6 +247,7 @@ def locate(cfg: LocateConfig) -> dict:
                   "manifest_sha256": file_sha256(Path(cfg.stats) / "manifest.json")},
         "settings": asdict(cfg),
         "heldout": {"offensive": off_info, "clean": clean_info,
+                    "offensive_loss": cfg.offensive_loss,
                     "tokens": {"offensive": scorer.offensive.tokens,
                                "clean": scorer.clean.tokens},
                     "base_loss": {"offensive": scorer.base[0], "clean": scorer.base[1]}},

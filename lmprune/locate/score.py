@@ -40,13 +40,18 @@ class TokenBatches:
 
     @classmethod
     def build(cls, tokenizer, texts: list[str], max_length: int, batch_size: int,
-              device: str) -> TokenBatches:
+              device: str, targets: list[int] | None = None) -> TokenBatches:
+        """`targets`: score only the positions that predict one of these tokens (the loss on
+        offensive words rather than on every word of an offensive sentence)."""
         batches, tokens = [], 0
         tokenizer.padding_side = "right"
+        keep = torch.as_tensor(targets) if targets is not None else None
         for i in range(0, len(texts), batch_size):
             enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True,
                             truncation=True, max_length=max_length)
             labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+            if keep is not None:
+                labels = labels.masked_fill(~torch.isin(labels, keep), -100)
             tokens += int((labels[:, 1:] != -100).sum())
             batches.append((enc.input_ids.to(device), enc.attention_mask.to(device),
                             labels.to(device)))
