@@ -345,7 +345,9 @@ def plan_compare(recipe: CompareRecipe, folder: CompareFolder) -> list[Stage]:
     stages += [eval_stage(f"eval:{name}", *target_model(name), folder.row_eval(name, False))
                for name in names]
     curve_rows = {headline.name, "induced"}
-    for name in names:
+    # fine-tune the rows the targets read first, so a partial comparison answers them
+    first = ["base", headline.name, "aura", "top-auroc", "induced"]
+    for name in sorted(names, key=lambda n: first.index(n) if n in first else len(first)):
         path, upstream = target_model(name)
         out = folder.row(name) / "finetuned"
         cfg = replace(recipe.finetune, model=path, out=str(out), base_model=model)
