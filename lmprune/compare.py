@@ -450,8 +450,7 @@ def summarize(recipe: CompareRecipe, folder: CompareFolder) -> dict:
         rows["induced"]["routed"] = _metrics(folder.induced_routed_eval)
     random = {}
     for group, prefix in (("random", "random-"), ("induced-random", "induced-random-")):
-        members = [n for n in rows if n.startswith(prefix)
-                   and not (prefix == "random-" and n.startswith("induced"))]
+        members = [n for n in rows if n.startswith(prefix)]
         for stage in ("pruned", "finetuned"):
             for metric in ("toxicity_probability", "expected_max_toxicity", "perplexity"):
                 values = [rows[n][stage][metric] for n in members
@@ -629,6 +628,10 @@ def write_summary(recipe: CompareRecipe, folder: CompareFolder) -> dict:
         lines.append(f"- {name}: **{'met' if check['met'] else 'not met'}** {shown}")
     if plot(summary, folder.root / PLOT_FILE):
         lines += ["", f"![toxicity vs perplexity]({PLOT_FILE})"]
+    curve = folder.row(summary["headline"]) / "finetuned" / "relearning.png"
+    if curve.is_file():
+        lines += ["", "Relearning curve of the headline (toxicity and perplexity during "
+                  "fine-tuning):", "", f"![relearning]({curve.relative_to(folder.root)})"]
     write_text_atomic(folder.root / "compare.md", "\n".join(lines) + "\n")
     return summary
 
