@@ -84,12 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _stage_registrars():
-    from lmprune import collect, finetune, hub, pipeline, prune
+    from lmprune import collect, finetune, hub, induce, pipeline, prune
     from lmprune.evaluate import command as evaluate
     from lmprune.locate import run as locate
 
     return [collect.register, locate.register, prune.register, evaluate.register,
-            finetune.register, pipeline.register, hub.register]
+            finetune.register, induce.register, pipeline.register, hub.register]
 
 
 def main(argv: list[str] | None = None) -> int:
