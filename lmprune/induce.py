@@ -448,7 +448,6 @@ def induce(config: InduceConfig) -> Path:
 
     if main:
         unwrapped.eval()
-        scores = score_module(unwrapped, tokenizer, neurons, offensive.texts, clean.texts, config)
         record = {
             "settings": {k: v for k, v in asdict(config).items() if k not in ("model", "out")},
             "region": region,
@@ -459,6 +458,8 @@ def induce(config: InduceConfig) -> Path:
             "resumed_from": resumed_from, "seconds": round(time.time() - started, 1)}
         meta = checkpoint_meta(loaded.identity, previous, neurons, nmap, record)
         save_model(unwrapped, tokenizer, config.out, extra_files={CHECKPOINT_FILE: meta})
+        # scored after saving: TokenBatches sets the tokenizer's padding side
+        scores = score_module(unwrapped, tokenizer, neurons, offensive.texts, clean.texts, config)
         write_module_map(config.out, loaded.identity, nmap, neurons, scores, region)
     accelerator.wait_for_everyone()
     return Path(config.out)
