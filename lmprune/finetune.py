@@ -82,17 +82,27 @@ class FinetuneConfig:
 
 def pack_blocks(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
     """Concatenate the documents (EOS between them) and cut into blocks [n_blocks, seq_len]."""
+    return pack_documents(tokenizer, texts, seq_len)[0]
+
+
+def pack_documents(tokenizer, texts: list[str], seq_len: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pack_blocks`, plus the index of the document each token came from [n_blocks, seq_len]
+    (a document's closing EOS counts as its own)."""
     ids: list[int] = []
+    owner: list[int] = []
     eos = tokenizer.eos_token_id
-    for doc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+    for k, doc in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
+        doc = doc + ([eos] if eos is not None else [])
         ids.extend(doc)
-        if eos is not None:
-            ids.append(eos)
+        owner.extend([k] * len(doc))
     num_blocks = len(ids) // seq_len
     if num_blocks == 0:
         raise LmpruneError(f"the training corpus has {len(ids)} tokens, fewer than one block of "
                            f"--seq-len {seq_len}: use more data or a shorter --seq-len")
-    return torch.tensor(ids[: num_blocks * seq_len], dtype=torch.long).view(num_blocks, seq_len)
+    keep = num_blocks * seq_len
+    return (torch.tensor(ids[:keep], dtype=torch.long).view(num_blocks, seq_len),
+            torch.tensor(owner[:keep], dtype=torch.long).view(num_blocks, seq_len))
 
 
 class BlockOrder:
@@ -199,6 +209,21 @@ class CheckpointStore:
         _set_rng_state(torch.load(rng_file, weights_only=True))
         return json.loads((path / "state.json").read_text())
 
+    def resume(self, accelerator, model: nn.Module, optimizer, scheduler,
+               fingerprint: dict) -> dict | None:
+        """Load the latest checkpoint when there is one (None otherwise), refusing one that a
+        run with another fingerprint (settings, data, process count) wrote."""
+        latest = self.latest()
+        if latest is None:
+            return None
+        state = self.load(latest, accelerator, model, optimizer, scheduler)
+        if state["fingerprint"] != fingerprint:
+            raise LmpruneError(f"{self.root} holds checkpoints of a different run (settings, "
+                               f"data or process count differ): use another --out or delete it")
+        if accelerator.is_main_process:
+            print(f"resuming from {latest} (step {state['step']})")
+        return state
+
 
 def _rng_state() -> dict:
     state = {"cpu": torch.get_rng_state()}
@@ -301,6 +326,19 @@ def _check_config(config: FinetuneConfig) -> None:
 
 
 
+def start_accelerator(device: str, seed: int, mixed_precision: str = "no"):
+    """One Accelerator per process (CPU, or one device each), seeded per process: dropout
+    differs between processes, reproducibly."""
+    from accelerate import Accelerator
+
+    from lmprune.models import resolve_device
+
+    accelerator = Accelerator(cpu=resolve_device(device) == "cpu",
+                              mixed_precision=mixed_precision)
+    torch.manual_seed(seed + accelerator.process_index)
+    return accelerator
+
+
 def train_step(accelerator, model: nn.Module, optimizer, scheduler,
                micro_batches: list[torch.Tensor], mask: PruneMask | None,
                max_grad_norm: float) -> float:
@@ -336,19 +374,16 @@ def finetune(config: FinetuneConfig, evaluate: Evaluator | None = None) -> Path:
     `evaluate(model, tokenizer, step) -> {metric: value}` is called on the main process at step
     0 (the pruned start), every `eval_every` steps and at the end; None skips evaluation.
     """
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     from lmprune.data import load_corpus
-    from lmprune.models import load_model, resolve_device, save_model
+    from lmprune.models import load_model, save_model
 
     _check_config(config)
     started = time.time()
-    device = resolve_device(config.device)
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=config.mixed_precision)
+    accelerator = start_accelerator(config.device, config.seed, config.mixed_precision)
     main, rank, nproc = (accelerator.is_main_process, accelerator.process_index,
                          accelerator.num_processes)
-    torch.manual_seed(config.seed + rank)  # dropout differs per process, reproducibly
 
     loaded = load_model(config.model, dtype=config.dtype, device=str(accelerator.device))
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -370,15 +405,9 @@ def finetune(config: FinetuneConfig, evaluate: Evaluator | None = None) -> Path:
     curve = {"format": "lmprune.relearning", "model": config.model, "data": config.data,
              "base": None, "points": []}
     step, resumed_from, loss_sum, loss_count = 0, None, 0.0, 0
-    if (latest := store.latest()) is not None:
-        state = CheckpointStore.load(latest, accelerator, model, optimizer, scheduler)
-        if state["fingerprint"] != fingerprint:
-            raise LmpruneError(f"{store.root} holds checkpoints of a different run (settings, "
-                               f"data or process count differ): use another --out or delete it")
+    if (state := store.resume(accelerator, model, optimizer, scheduler, fingerprint)):
         step = resumed_from = state["step"]
         curve, loss_sum, loss_count = state["curve"], state["loss_sum"], state["loss_count"]
-        if main:
-            print(f"resuming from {latest} (step {step} of {total_steps})")
 
     if evaluate is not None and every and step == 0 and main:
         curve["base"] = _measure_base(config, meta, evaluate, accelerator.device)

@@ -118,7 +118,8 @@ class PruneMask:
     def num_neurons(self) -> int:
         return count_neurons(self.pruned_neurons)
 
-    def _slices(self, model: nn.Module):
+    def slices(self, model: nn.Module):
+        """(parameter, dim, indices on its device) for every masked parameter."""
         for k, (name, dim, index) in enumerate(self.entries):
             param = model.get_parameter(name)
             key = (k, param.device)
@@ -129,21 +130,38 @@ class PruneMask:
     @torch.no_grad()
     def apply(self, model: nn.Module) -> None:
         """Zero every pruned slice in place."""
-        for param, dim, index in self._slices(model):
+        for param, dim, index in self.slices(model):
             param.index_fill_(dim, index, 0.0)
 
     @torch.no_grad()
     def mask_gradients(self, model: nn.Module) -> None:
         """Zero the gradients of the pruned slices (call after backward, before the step)."""
-        for param, dim, index in self._slices(model):
+        for param, dim, index in self.slices(model):
             if param.grad is not None:
                 param.grad.index_fill_(dim, index, 0.0)
+
+    @torch.no_grad()
+    def mask_gradients_outside(self, model: nn.Module) -> None:
+        """The complement of `mask_gradients`: keep only the gradients of these slices.
+
+        Parameters that hold none of them lose their gradient (None), so an optimizer skips them
+        entirely (no moment update, no weight decay).
+        """
+        holders = set()
+        for param, dim, index in self.slices(model):
+            holders.add(id(param))
+            if param.grad is not None:
+                kept = param.grad.index_select(dim, index)
+                param.grad.zero_().index_copy_(dim, index, kept)
+        for param in model.parameters():
+            if id(param) not in holders:
+                param.grad = None
 
     @torch.no_grad()
     def nonzero_count(self, model: nn.Module) -> int:
         """How many pruned weight entries are not exactly zero (0 when the mask holds)."""
         return sum(int(torch.count_nonzero(param.index_select(dim, index)))
-                   for param, dim, index in self._slices(model))
+                   for param, dim, index in self.slices(model))
 
     def check(self, model: nn.Module) -> None:
         bad = self.nonzero_count(model)
@@ -153,7 +171,7 @@ class PruneMask:
     def as_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Full-size boolean masks, True where a weight is pruned: {parameter name: mask}."""
         out = {}
-        for (name, _, _), (param, dim, index) in zip(self.entries, self._slices(model),
+        for (name, _, _), (param, dim, index) in zip(self.entries, self.slices(model),
                                                     strict=True):
             mask = out.get(name, torch.zeros_like(param, dtype=torch.bool))
             out[name] = mask.index_fill(dim, index, True)
