@@ -18,7 +18,8 @@ from lmprune.cli import main
 from lmprune.compare import load_compare
 from lmprune.errors import LmpruneError
 
-ROWS = ["base", "planted", "wide", "random-0", "random-1", "aura", "top-auroc"]
+ROWS = ["base", "planted", "wide", "random-0", "random-1", "aura", "top-auroc", "induced",
+        "induced-random-0"]
 
 
 @pytest.fixture(autouse=True)
@@ -45,6 +46,9 @@ def compare_values(inputs: Path, out: Path) -> dict:
                     # a second configuration with its own (finer) locate settings
                     "wide": {"select": "top:2", "locate": {"k": 8}}},
         "compare": {"random_seeds": [0, 1]},
+        # gradient routing into 4 neurons of layer 0 (offensive/clean default to collect's)
+        "induce": dict(layers="0", neurons_per_layer=4, max_steps=6, batch_size=4, seq_len=32,
+                       lr=1e-3, score_docs=8),
     }
 
 
@@ -119,6 +123,22 @@ def test_the_headline_prunes_the_planted_module_and_the_controls_copy_it(compare
     # pruned weights stay zero through fine-tuning
     weights = load_file(out / "rows" / "planted" / "finetuned" / "model.safetensors")
     assert not weights["model.layers.1.mlp.down_proj.weight"][:, pruned["1"]].any()
+
+
+def test_the_induced_row_prunes_the_designated_module_of_the_routed_model(compared):
+    _, out, _ = compared
+    routed = json.loads((out / "induced-routed" / "lmprune.json").read_text())
+    designated = routed["designated_neurons"]
+    assert {k: len(v) for k, v in designated.items()} == {"0": 4}
+    induced = json.loads((out / "rows" / "induced" / "model" / "lmprune.json").read_text())
+    assert induced["pruned_neurons"] == designated
+    control = json.loads((out / "rows" / "induced-random-0" / "model" / "lmprune.json")
+                         .read_text())["pruned_neurons"]
+    assert len(control["0"]) == 4 and control != designated
+    summary = json.loads((out / "compare.json").read_text())
+    row = summary["rows"]["induced"]
+    assert row["seconds"]["induce"] > 0 and row["routed"]["perplexity"] > 0
+    assert summary["random"]["induced-random"]["pruned"]["perplexity"]["n"] == 1
 
 
 def test_random_spread_and_targets_are_computed_from_the_rows(compared):
