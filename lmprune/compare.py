@@ -367,6 +367,9 @@ def plan_compare(recipe: CompareRecipe, folder: CompareFolder) -> list[Stage]:
         stages.append(eval_stage(f"eval:{name}+ft", str(out), [out],
                                  folder.row_eval(name, True)))
 
+    # the induced rows (routing is the longest stage) after the others, order kept within
+    stages.sort(key=lambda s: s.name.partition(":")[2].startswith("induced")
+                or s.name == "induce")
     inputs = [folder.row_eval(n, t) for n in names for t in (False, True)]
     stages.append(Stage("summary", {"compare": dataclasses.asdict(recipe.compare),
                                     "rows": names},
