@@ -31,7 +31,7 @@ from lmprune.config import build_config, load_yaml, option
 from lmprune.errors import LmpruneError
 from lmprune.evaluate.command import EvalConfig
 from lmprune.finetune import FinetuneConfig
-from lmprune.io import write_json_atomic, write_text_atomic
+from lmprune.io import save_figure_atomic, write_json_atomic, write_text_atomic
 from lmprune.locate.run import LocateConfig
 from lmprune.pipeline import (
     RunConfig,
@@ -182,8 +182,11 @@ def _check_induce(given, run: RunConfig) -> dict:
     return given
 
 
-def load_compare(path: str | Path, overrides: list[str] = (), out: str | None = None
-                 ) -> CompareRecipe:
+def load_compare(path: str | Path, overrides: list[str] = (), out: str | None = None,
+                 check_files: bool = True) -> CompareRecipe:
+    """Read, override, validate; `check_files` also looks up the model and local corpora."""
+    from lmprune.pipeline import check_inputs
+
     path = Path(path)
     values = apply_dotted(load_yaml(path), list(overrides))
     if out is not None:
@@ -191,6 +194,8 @@ def load_compare(path: str | Path, overrides: list[str] = (), out: str | None = 
     recipe = parse_compare(values, path.stem)
     if recipe.run.out is None:
         recipe.run.out = str(Path("runs") / path.stem)
+    if check_files:
+        check_inputs(recipe)
     return recipe
 
 
@@ -561,7 +566,6 @@ def table(summary: dict) -> list[str]:
 def plot(summary: dict, path: Path) -> Path | None:
     """Toxicity Probability against perplexity: each row an arrow from after pruning to after
     fine-tuning; the random controls as mean ± sd."""
-    import os
 
     import matplotlib
 
@@ -606,12 +610,7 @@ def plot(summary: dict, path: Path) -> Path | None:
                  f"\nhollow: after pruning, filled: after fine-tuning", fontsize="medium")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure_atomic(fig, path)
 
 
 def write_summary(recipe: CompareRecipe, folder: CompareFolder) -> dict:

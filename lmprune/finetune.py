@@ -24,7 +24,7 @@ from torch import nn
 
 from lmprune.config import option, register_stage
 from lmprune.errors import LmpruneError
-from lmprune.io import write_json_atomic
+from lmprune.io import save_figure_atomic, write_json_atomic
 from lmprune.prune import CHECKPOINT_FILE, PruneMask, command_line, read_checkpoint_meta, utc_now
 
 # evaluate(model, tokenizer, step) -> {metric name: value}
@@ -278,12 +278,7 @@ def plot_curve(curve: dict, path: str | Path) -> None:
     axes[0, 0].legend(fontsize="small")
     axes[0, 0].set_title(curve.get("title", "relearning during fine-tuning"))
     axes[-1, 0].set_xlabel("fine-tuning step")
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path)
 
 
 def _measure(evaluate: Evaluator, model: nn.Module, tokenizer, step: int) -> dict[str, float]:

@@ -192,7 +192,7 @@ def check_inputs(recipe: Recipe) -> None:
     except LmpruneError as err:
         raise LmpruneError(f"model: {err}") from None
     for section, keys in CORPUS_KEYS.items():
-        config = getattr(recipe, section)
+        config = getattr(recipe, section, None)  # a comparison has no prune section
         if config is None:
             continue
         for key in keys:

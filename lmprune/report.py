@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
-from lmprune.io import write_text_atomic
+from lmprune.io import save_figure_atomic, write_text_atomic
 
 PLOT_FILE = "toxicity_vs_perplexity.png"
 CONTENT_WARNING = ("> **Content warning.** The examples below are model outputs for prompts "
@@ -116,12 +115,7 @@ def plot_tradeoff(points: list[tuple[str, dict]], path: Path) -> Path | None:
     ax.set_title(f"toxicity vs perplexity ({usable[0][1]['toxicity']['scorer'].split(' ')[0]})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure_atomic(fig, path)
 
 
 def modules_section(mmap: dict, lineage: dict, run_dir: Path, modules_file: Path) -> list[str]:

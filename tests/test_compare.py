@@ -9,7 +9,6 @@ import statistics
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from planted import PLANTED, write_run_inputs
 from safetensors.torch import load_file
@@ -18,16 +17,11 @@ from lmprune.cli import main
 from lmprune.compare import load_compare
 from lmprune.errors import LmpruneError
 
+# tiny models run far faster on one thread when other work shares the 2 cores
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROWS = ["base", "planted", "wide", "random-0", "random-1", "aura", "top-auroc", "induced",
         "induced-random-0"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def compare_values(inputs: Path, out: Path) -> dict:
@@ -188,7 +182,19 @@ def test_bad_recipes_are_refused_by_name(tmp_path):
             load_compare(path)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(base))
-    recipe = load_compare(path, ["modules.planted.select=top:2", "eval.samples=5"])
+    recipe = load_compare(path, ["modules.planted.select=top:2", "eval.samples=5"],
+                          check_files=False)
     assert recipe.modules[0].prune.select == "top:2" and recipe.eval.samples == 5
     with pytest.raises(LmpruneError, match="unknown section 'evl'"):
         load_compare(path, ["evl.samples=5"])
+    with pytest.raises(LmpruneError, match="model: "):
+        load_compare(path)  # no model folder there
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "recipes")
+                                        .glob("compare-*.yaml")), ids=lambda p: p.name)
+def test_shipped_comparisons_validate_with_their_model_and_data(path):
+    recipe = load_compare(path)
+    assert recipe.headline.name in [m.name for m in recipe.modules]
+    assert recipe.eval.limit is None and recipe.eval.samples >= 10, "the full protocol"
+    assert len(recipe.compare.random_seeds) >= 5 and recipe.induce is not None

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from planted import PLANTED, write_run_inputs
 from safetensors.torch import load_file
@@ -20,16 +19,10 @@ from safetensors.torch import load_file
 from lmprune.cli import main
 from lmprune.pipeline import load_recipe
 
+# tiny models run far faster on one thread when other work shares the 2 cores
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread when other work shares the 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +240,8 @@ def test_bad_set_values_are_refused(inputs, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml")
+                 if not p.name.startswith("compare-"))  # comparisons: tests/test_compare.py
 
 
 def test_the_default_recipe_and_the_hub_one_are_shipped():

@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from lmprune.io import save_figure_atomic  # noqa: E402
+
 
 def plot_modules(result: dict, prefix: Path) -> list[Path]:
     """Write `<prefix>_specificity.png`, `_layers.png` and (if measured) `_ncut.png`."""
@@ -57,7 +59,4 @@ def plot_modules(result: dict, prefix: Path) -> list[Path]:
 
 
 def _save(fig, path: str) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure_atomic(fig, path, dpi=110)
