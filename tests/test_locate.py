@@ -144,6 +144,18 @@ def test_toxic_token_loss_counts_only_the_offensive_targets(planted):
     assert best["scores"]["loss_delta_offensive"] > 10 * abs(best["scores"]["loss_delta_clean"])
 
 
+def test_candidates_restrict_the_graphs_to_the_most_causal_neurons(planted):
+    result = _locate(planted, name="c.json", candidates=12, k=2, exact=3, exact_controls=1,
+                     controls=5, plots=False)
+    per_layer = result["candidates"]["per_layer"]
+    assert sum(per_layer) == 12 and per_layer[1] >= len(PLANTED)
+    members = [tuple(m) for mod in result["modules"] for m in mod["members"]]
+    assert len(members) <= 12 and len(set(members)) == len(members)
+    best = result["modules"][0]
+    assert set(PLANTED) <= {n for _, n in best["members"]} and best["layers"] == [1]
+    assert best["scores"]["causal"] > max(best["scores"]["control_values"])
+
+
 def test_stats_for_another_model_are_refused(planted, tmp_path):
     manifest = json.loads((planted / "stats" / "manifest.json").read_text())
     manifest["model"]["weights_sha256"] = "0" * 64

@@ -41,6 +41,10 @@ class LocateConfig:
     resolution: float = option(1.0, "Leiden resolution (higher: more, smaller modules).")
     scope: str = option("layer", "Graph per layer over all neurons, or one graph over the "
                         "global top-K candidates of the stats.", choices=["layer", "global"])
+    candidates: int = option(0, "Cluster only the N neurons with the highest first-order "
+                             "causal score (one backward pass over the held-out texts), per "
+                             "layer; 0: every neuron. Modules of neurons that matter, not of "
+                             "everything that co-fires.")
     knn: int = option(20, "Keep each neuron's k strongest positive correlations (0: all above "
                       "--threshold).")
     threshold: float = option(0.0, "Correlations at or below this are not edges.")
@@ -86,8 +90,10 @@ def read_stats(folder: str | Path) -> tuple[dict, dict, dict]:
                                                                          "coact.safetensors")
 
 
-def _layer_graphs(cfg: LocateConfig, coact: dict) -> list[tuple[list[tuple[int, int]], object]]:
-    """[(node ids as (layer, neuron), sparse affinity)] for the chosen scope."""
+def _layer_graphs(cfg: LocateConfig, coact: dict, candidates: np.ndarray | None = None
+                  ) -> list[tuple[list[tuple[int, int]], object]]:
+    """[(node ids as (layer, neuron), sparse affinity)] for the chosen scope; `candidates`
+    [L, W] bool restricts the layer graphs to those neurons."""
     tokens = int(coact["tokens"]) if cfg.scope == "layer" else int(coact["global.tokens"])
     if tokens < 2:
         raise LmpruneError("the co-activation statistics saw fewer than 2 tokens")
@@ -103,7 +109,11 @@ def _layer_graphs(cfg: LocateConfig, coact: dict) -> list[tuple[list[tuple[int, 
     graphs = []
     for layer in range(coact["gram"].shape[0]):
         corr, alive = correlation_from_gram(coact["gram"][layer], coact["sum"][layer], tokens)
+        if candidates is not None:
+            alive = alive & candidates[layer]
         keep = np.flatnonzero(alive)  # dead neurons are left out of the graph
+        if len(keep) < 2:
+            continue
         graphs.append(([(layer, int(j)) for j in keep],
                        knn_affinity(corr[np.ix_(keep, keep)], cfg.knn, threshold=cfg.threshold)))
     return graphs
@@ -138,40 +148,6 @@ def locate(cfg: LocateConfig) -> dict:
                     neurons_per_layer=manifest.get("neurons_per_layer"))
     check_identity(recorded, loaded.identity, NeuronMap(loaded.model), f"the stats in {cfg.stats}")
     timings = {}
-
-    t0 = time.time()
-    graphs = _layer_graphs(cfg, coact)
-    timings["graph_s"] = time.time() - t0
-
-    t0 = time.time()
-    modules, labels_by_graph = [], []
-    for nodes, affinity in tqdm(graphs, desc="clustering", unit="graph"):
-        k = min(cfg.k, len(nodes))
-        labels = cluster(affinity, cfg.method, k, cfg.resolution, cfg.seed) if k >= 2 else \
-            np.zeros(len(nodes), dtype=int)
-        labels_by_graph.append(labels)
-        for c in np.unique(labels):
-            members = [nodes[i] for i in np.flatnonzero(labels == c)]
-            if len(members) >= cfg.min_size:
-                modules.append(sorted(members))
-    if not modules:
-        raise LmpruneError("clustering produced no module of --min-size or more neurons")
-    timings["cluster_s"] = time.time() - t0
-
-    t0 = time.time()
-    graph_ids = range(len(graphs))
-    if cfg.scope == "layer" and cfg.clusterability_layers > 0:
-        graph_ids = np.unique(np.linspace(0, len(graphs) - 1, cfg.clusterability_layers)
-                              .round().astype(int))
-    per_graph = {}
-    for g in tqdm(graph_ids, desc="clusterability", unit="graph"):
-        nodes, affinity = graphs[g]
-        k = min(cfg.k, len(nodes))
-        if k >= 2:
-            per_graph[int(g)] = clusterability(affinity, labels_by_graph[g], cfg.method, k,
-                                               cfg.resolution, cfg.shuffles, cfg.seed)
-    timings["clusterability_s"] = time.time() - t0
-
     t0 = time.time()
     corpora = manifest["corpora"]
     off_texts, off_info = _heldout(corpora["offensive"]["spec"],
@@ -194,8 +170,56 @@ def locate(cfg: LocateConfig) -> dict:
     if scorer.offensive.tokens == 0:
         raise LmpruneError("the held-out offensive texts contain none of the toxic tokens: "
                            "raise --heldout-docs or use --offensive-loss all")
+    # one backward pass: the first-order causal score of every neuron (the screen, and the
+    # candidates to cluster when --candidates is set)
+    attribution = scorer.attribution()  # [L, W]
+    candidates = None
+    if cfg.candidates > 0:
+        if cfg.scope != "layer":
+            raise LmpruneError("--candidates applies to --scope layer (global scope has its "
+                               "own candidates from collect)")
+        top = np.argsort(-attribution, axis=None, kind="stable")[:cfg.candidates]
+        candidates = np.zeros(attribution.size, dtype=bool)
+        candidates[top] = True
+        candidates = candidates.reshape(attribution.shape)
+    timings["attribution_s"] = time.time() - t0
+
+    t0 = time.time()
+    graphs = _layer_graphs(cfg, coact, candidates)
+    timings["graph_s"] = time.time() - t0
+
+    t0 = time.time()
+    modules, labels_by_graph = [], []
+    for nodes, affinity in tqdm(graphs, desc="clustering", unit="graph"):
+        k = min(cfg.k, len(nodes) // max(cfg.min_size, 1))
+        labels = cluster(affinity, cfg.method, k, cfg.resolution, cfg.seed) if k >= 2 else \
+            np.zeros(len(nodes), dtype=int)
+        labels_by_graph.append(labels)
+        for c in np.unique(labels):
+            members = [nodes[i] for i in np.flatnonzero(labels == c)]
+            if len(members) >= cfg.min_size:
+                modules.append(sorted(members))
+    if not modules:
+        raise LmpruneError("clustering produced no module of --min-size or more neurons")
+    timings["cluster_s"] = time.time() - t0
+
+    t0 = time.time()
+    graph_ids = range(len(graphs))
+    if cfg.scope == "layer" and cfg.clusterability_layers > 0:
+        graph_ids = np.unique(np.linspace(0, len(graphs) - 1, cfg.clusterability_layers)
+                              .round().astype(int))
+    per_graph = {}
+    for g in tqdm(graph_ids, desc="clusterability", unit="graph"):
+        nodes, affinity = graphs[g]
+        k = min(cfg.k, len(nodes) // max(cfg.min_size, 1))
+        if k >= 2:
+            per_graph[int(g)] = clusterability(affinity, labels_by_graph[g], cfg.method, k,
+                                               cfg.resolution, cfg.shuffles, cfg.seed)
+    timings["clusterability_s"] = time.time() - t0
+
+    t0 = time.time()
     scored = screen_and_score(scorer, [as_layer_dict(m) for m in modules], cfg.exact,
-                              cfg.controls, cfg.exact_controls, cfg.seed)
+                              cfg.controls, cfg.exact_controls, cfg.seed, attribution)
     promotion = output_promotion(loaded.model, toxic_ids) if toxic_ids else None
     timings["scoring_s"] = time.time() - t0
 
@@ -252,6 +276,9 @@ def locate(cfg: LocateConfig) -> dict:
                                "clean": scorer.clean.tokens},
                     "base_loss": {"offensive": scorer.base[0], "clean": scorer.base[1]}},
         "toxic_tokens": [tok.decode([t]) for t in toxic_ids[:50]],
+        "candidates": None if candidates is None else {
+            "count": cfg.candidates, "rule": "highest first-order causal score",
+            "per_layer": candidates.sum(axis=1).tolist()},
         "modules": records,
         "controls": {"num_random_sets": cfg.controls, "sampling": "same layers, same per-layer "
                      "counts, module members excluded", "exact_for_top": cfg.exact_controls},

@@ -189,13 +189,15 @@ def output_promotion(model: nn.Module, toxic_ids: list[int]) -> np.ndarray:
 
 
 def screen_and_score(scorer: CausalScorer, modules: list[Neurons], exact: int, controls: int,
-                     exact_controls: int, seed: int) -> list[dict]:
+                     exact_controls: int, seed: int,
+                     attribution: np.ndarray | None = None) -> list[dict]:
     """Causal scores of every module, exact for the `exact` best screened, with controls.
 
     Controls are random same-layer sets of the same size. Every module gets first-order
     (attribution) controls; the `exact_controls` best also get exactly measured ones.
     """
-    attribution = scorer.attribution()  # [L, W]
+    if attribution is None:
+        attribution = scorer.attribution()  # [L, W]
     widths = scorer.nmap.widths
     rng = np.random.default_rng(seed)
 
