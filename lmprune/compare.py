@@ -351,8 +351,8 @@ def plan_compare(recipe: CompareRecipe, folder: CompareFolder) -> list[Stage]:
                for name in names]
     curve_rows = {headline.name, "induced"}
     # fine-tune the rows the targets read first, so a partial comparison answers them
-    first = ["base", headline.name, "aura", "top-auroc", "induced"]
-    for name in sorted(names, key=lambda n: first.index(n) if n in first else len(first)):
+    searched = [m.name for m in recipe.modules if m.name != headline.name]
+    for name in sorted(names, key=lambda n: (n != "base", n != headline.name)):
         path, upstream = target_model(name)
         out = folder.row(name) / "finetuned"
         cfg = replace(recipe.finetune, model=path, out=str(out), base_model=model)
@@ -372,9 +372,17 @@ def plan_compare(recipe: CompareRecipe, folder: CompareFolder) -> list[Stage]:
         stages.append(eval_stage(f"eval:{name}+ft", str(out), [out],
                                  folder.row_eval(name, True)))
 
-    # the induced rows (routing is the longest stage) after the others, order kept within
-    stages.sort(key=lambda s: s.name.partition(":")[2].startswith("induced")
-                or s.name == "induce")
+    # the induced rows (routing is the longest stage) after the others, and the fine-tuning
+    # of the other searched configurations last; order kept within
+    searched_tuning = {f"{kind}:{n}{tail}" for n in searched
+                       for kind, tail in (("finetune", ""), ("eval", "+ft"))}
+
+    def phase(stage: Stage) -> int:
+        if stage.name == "induce" or stage.name.partition(":")[2].startswith("induced"):
+            return 1
+        return 2 if stage.name in searched_tuning else 0
+
+    stages.sort(key=phase)
     inputs = [folder.row_eval(n, t) for n in names for t in (False, True)]
     stages.append(Stage("summary", {"compare": dataclasses.asdict(recipe.compare),
                                     "rows": names},
