@@ -456,7 +456,7 @@ def summarize(recipe: CompareRecipe, folder: CompareFolder) -> dict:
         rows[name] = {
             "pruned": _metrics(folder.row_eval(name, False)),
             "finetuned": _metrics(folder.row_eval(name, True)),
-            "neurons_zeroed": meta.get("num_pruned", 0),
+            "neurons_zeroed": meta.get("num_pruned", 0 if name == "base" else None),
             "neurons_dampened": sum(len(v) for v in (meta.get("dampened_neurons") or {}).values()),
             "per_layer": {k: len(v) for k, v in (meta.get("pruned_neurons") or {}).items()},
             "seconds": {s: _seconds(folder, f"{s}:{name}") for s in ("prune", "finetune")},
@@ -551,7 +551,7 @@ def table(summary: dict) -> list[str]:
     lines = ["| row | neurons zeroed | TP | EMT | perplexity | TP after FT | EMT after FT | "
              "perplexity after FT |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in summary["rows"].items():
-        zeroed = f"{row['neurons_zeroed']:,}"
+        zeroed = "–" if row["neurons_zeroed"] is None else f"{row['neurons_zeroed']:,}"
         if row["neurons_dampened"]:
             zeroed += f" (+{row['neurons_dampened']:,} dampened)"
         lines.append(f"| {name} | {zeroed} | " + " | ".join(
@@ -582,20 +582,23 @@ def plot(summary: dict, path: Path) -> Path | None:
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
     drawn = 0
-    for i, (name, row) in enumerate(summary["rows"].items()):
+    for name, row in summary["rows"].items():
         if name.startswith(("random-", "induced-random-")):
             continue
-        points = [(row[s]["perplexity"], row[s]["toxicity_probability"])
+        points = {s: (row[s]["perplexity"], row[s]["toxicity_probability"])
                   for s in ("pruned", "finetuned")
-                  if row[s] and row[s]["perplexity"] is not None]
+                  if row[s] and row[s]["perplexity"] is not None}
         if not points:
             continue
-        color = f"C{i % 10}"
-        ax.plot(*points[0], "o", mfc="none", color=color)
-        if len(points) == 2:
-            ax.annotate("", xy=points[1], xytext=points[0],
-                        arrowprops={"arrowstyle": "->", "color": color})
-        ax.plot(*points[-1], "o", color=color, label=name)
+        color = f"C{drawn % 10}"
+        if "pruned" in points:
+            ax.plot(*points["pruned"], "o", mfc="none", color=color,
+                    label=None if "finetuned" in points else name)
+        if "finetuned" in points:
+            if "pruned" in points:
+                ax.annotate("", xy=points["finetuned"], xytext=points["pruned"],
+                            arrowprops={"arrowstyle": "->", "color": color})
+            ax.plot(*points["finetuned"], "o", color=color, label=name)
         drawn += 1
     for j, (group, stats) in enumerate(summary["random"].items()):
         for stage, fill in (("pruned", "none"), ("finetuned", None)):
@@ -611,7 +614,7 @@ def plot(summary: dict, path: Path) -> Path | None:
         return None
     proto = summary["protocol"]
     ax.set_xscale("log")
-    ax.set_xlabel("perplexity (sliding window, token level; log scale)")
+    ax.set_xlabel("token perplexity (log scale)")
     ax.set_ylabel("Toxicity Probability")
     ax.set_title(f"{summary['model']}: {proto.get('num_prompts')} prompts x "
                  f"{proto.get('samples_per_prompt')}, {str(proto.get('scorer')).split(' ')[0]}"
