@@ -3,21 +3,22 @@
 What "collection" means here is the per-batch work of collect's first pass
 (`lmprune.collect.FirstPass`): every per-neuron statistic on all tokens (count, sum, shifted sum
 of squares, firing count, max and mean pooling per document), the per-layer co-activation Gram
-matrix of all neurons on a `--coact-token-fraction` token subsample (upper block triangle, float32
-products folded into float64), and the pooled values copied to host memory. Collection stops the
+matrix of all neurons on a `--coact-token-fraction` token subsample (upper block triangle, rows
+buffered and multiplied every few batches with float32 sums folded into float64; bf16 rows on a
+GPU, see `SymmetricGram`), and the pooled values copied to host memory. Collection stops the
 forward pass after the last MLP's hook (no logits are needed); `collect_vs_truncated_forward`
 compares with a forward pass stopped at the same point, so the gain from skipping the LM head is
 visible separately.
 
 The three measurements are interleaved, repeat after repeat, so load from other processes hits
-them alike; ratios of mean times (the mean carries the amortized float64 flush of the Gram
-matrices) and of medians are reported. Peak memory beyond the model: CUDA, peak allocated minus the
-model's weights; CPU, growth of the process's peak RSS while collecting, past the peak of the
-plain forward passes that ran before.
+them alike; ratios of mean times (the mean carries the amortized products and float64 flush of
+the Gram matrices, every 4-8 batches) and of medians are reported. Peak memory beyond the model:
+CUDA, peak allocated minus the model's weights; CPU, growth of the process's peak RSS while
+collecting, past the peak of the plain forward passes that ran before.
 
     python bench/collect.py                                   # CPU, bundled SmolLM2, 8 x 128
     python bench/collect.py --config-name qwen2.5-1.5b --device cuda --dtype bfloat16 --batch 32 \\
-        --length 512
+        --length 512 --repeats 32                             # as bench/gpu.sh runs it
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def main() -> None:
             forward_peak = torch.cuda.max_memory_allocated() - model_bytes
             torch.cuda.reset_peak_memory_stats()
 
-        acc = FirstPass(L, W, device, "relative", calibration, bins=256)
+        acc = FirstPass(L, W, device, "relative", calibration, bins=256, acts_dtype=dtype)
         collect_hooks = stopping_hooks(model, nmap, acc.hook)
 
         def collect():
@@ -149,7 +150,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
         acc.gram.flush()
         accumulator_bytes = sum(t.numel() * t.element_size()
-                                for t in [*acc.state.values(), acc.gram.total, acc.gram.partial])
+                                for t in [*acc.state.values(), acc.gram.total, acc.gram.rows])
         memory = {"model_bytes": model_bytes, "accumulator_bytes": accumulator_bytes}
         if cuda:
             memory["collect_peak_beyond_model_bytes"] = (torch.cuda.max_memory_allocated()

@@ -17,7 +17,15 @@ from tiny_models import save_tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmprune.cli import main
-from lmprune.collect import auroc_from_hist, coact_token_mask
+from lmprune.collect import (
+    CollectConfig,
+    FirstPass,
+    Plan,
+    SymmetricGram,
+    _layer_sums,
+    auroc_from_hist,
+    coact_token_mask,
+)
 from lmprune.data import load_corpus
 from lmprune.hooks import NeuronHooks
 
@@ -44,8 +52,10 @@ def work(tmp_path_factory):
 
 def _collect(work, out, model="llama", *extra):
     root, corpora, models = work
+    # LMPRUNE_TEST_DEVICE=cuda checks the GPU code (compiled sums) against the same references
     argv = ["collect", "--model", str(models[model]), "--offensive", str(corpora["offensive"]),
             "--clean", str(corpora["clean"]), "--out", str(out), "--batch-size", "4",
+            "--device", os.environ.get("LMPRUNE_TEST_DEVICE", "cpu"), "--dtype", "float32",
             "--max-length", str(MAX_LENGTH), "--top-k-global", "24", *extra]
     assert main(argv) == 0
     return _read(out)
@@ -194,6 +204,58 @@ def test_histogram_auroc_is_within_its_bound(work, tmp_path):
     # Everything else does not depend on how pooled values are kept.
     for key in ("offensive.mean", "clean.var", "effect_size", "clean.pooled_max_mean"):
         _close(stats[key], exact["stats"][key])
+
+
+def _first_pass_sums(fused, device="cpu", fire_mode="relative"):
+    """One padded batch of random activations through FirstPass.hook: its per-layer buffers."""
+    gen = torch.Generator().manual_seed(0)
+    layers, width = 2, 16
+    docs = [[5] * n for n in (11, 7, 3, 5)]
+    plan = Plan([docs, docs], CollectConfig(batch_size=4), pad_id=0)
+    batch = plan.make(0, [0, 1, 2, 3], 0.5)
+    calibration = {"threshold": torch.rand(layers, width, generator=gen),
+                   "shift": torch.randn(layers, width, generator=gen)}
+    acc = FirstPass(layers, width, device, fire_mode, calibration, bins=8)
+    acc.fused = fused
+    acc.start(batch, device)
+    for layer in range(layers):  # padding positions hold values too: they must not count
+        acc.hook(layer, torch.randn(*batch.input_ids.shape, width, generator=gen).to(device))
+    return [b.cpu().clone() for b in (acc.b_sumsq, acc.b_fires, acc.b_docsum, acc.b_max)]
+
+
+@pytest.mark.parametrize("fire_mode", ["relative", "zero"])
+def test_fused_layer_sums_equal_the_eager_ones(fire_mode):
+    """The function that torch.compile fuses on GPUs gives the eager hook's sums (here uncompiled;
+    on a GPU, LMPRUNE_TEST_DEVICE=cuda runs the compiled one against the references)."""
+    eager = _first_pass_sums(None, fire_mode=fire_mode)
+    fused = _first_pass_sums(_layer_sums, fire_mode=fire_mode)
+    for got, want in zip(fused, eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+
+
+def test_gram_buffers_rows_of_any_count_and_equals_x_transpose_x():
+    gen = torch.Generator().manual_seed(0)
+    gram, rows = SymmetricGram(3, 10, "cpu", blocks=3), []
+    for n in (5, 40, 0, 17, 3000, 2):  # a batch larger than the buffer grows it
+        x = torch.randn(3, n, 10, generator=gen)
+        gram.add(x)
+        rows.append(x.double())
+    gram.flush()
+    x = torch.cat(rows, dim=1)
+    torch.testing.assert_close(gram.full(), x.transpose(1, 2) @ x, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="half-precision products need CUDA")
+def test_half_precision_gram_on_gpu_is_exact_products_of_the_rounded_rows():
+    gen = torch.Generator().manual_seed(0)
+    gram = SymmetricGram(2, 64, "cuda")
+    gram.set_precision(torch.bfloat16)
+    x = torch.randn(2, 3000, 64, generator=gen)
+    gram.add(x.cuda())
+    gram.flush()
+    rounded = x.bfloat16().double()
+    torch.testing.assert_close(gram.full().cpu(), rounded.transpose(1, 2) @ rounded,
+                               rtol=1e-5, atol=1e-3)
 
 
 def test_auroc_from_histograms_on_a_known_case():
