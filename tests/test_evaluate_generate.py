@@ -57,6 +57,31 @@ def test_top_p_equals_reference(vocab):
         assert ours == ref
 
 
+def test_one_candidate_stage_as_on_gpus_gives_the_same_tokens(monkeypatch):
+    from lmprune.evaluate import generate
+
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(64, 6000, generator=gen) * torch.linspace(0.5, 8, 64)[:, None]
+    uniforms = torch.rand(64, generator=gen, dtype=torch.float64)
+    two_stages = top_p_sample(logits, uniforms, 0.9, 1.0)
+    monkeypatch.setitem(generate._CANDIDATES, "cpu", generate._CANDIDATES["cuda"])
+    assert top_p_sample(logits, uniforms, 0.9, 1.0).tolist() == two_stages.tolist()
+
+
+def test_half_precision_logits_give_a_token_of_the_reference_probability():
+    """bf16 logits rank the vocabulary; ties (frequent in bf16) may be ordered either way, so the
+    token has the reference token's probability (it is that token, or one tied with it)."""
+    gen = torch.Generator().manual_seed(2)
+    logits = (torch.randn(64, 6000, generator=gen)
+              * torch.linspace(0.5, 8, 64)[:, None]).bfloat16()
+    uniforms = torch.rand(64, generator=gen, dtype=torch.float64)
+    probs = torch.softmax(logits.float(), -1)
+    ours = top_p_sample(logits, uniforms, 0.9, 1.0).tolist()
+    ref = [reference_top_p(logits[r].float(), uniforms[r].item(), 0.9, 1.0) for r in range(64)]
+    assert [probs[r, t] for r, t in enumerate(ours)] == [probs[r, t] for r, t in enumerate(ref)]
+    assert sum(a == b for a, b in zip(ours, ref, strict=True)) >= 48
+
+
 def reference_sampler(model, tokenizer, prompts, samples, max_new_tokens, top_p, temperature,
                       seed):
     """One prompt, one sample at a time, no cache, no padding: the same RNG scheme."""

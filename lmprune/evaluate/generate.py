@@ -28,7 +28,8 @@ from lmprune.errors import LmpruneError
 
 # The nucleus nearly always lies within the top few hundred tokens: try the top candidates first
 # (topk is much cheaper than sorting the vocabulary), widening only for the rows that need it.
-_CANDIDATES = (256, 4096)
+# On a GPU a top-4096 costs about what a top-256 does (both read the row once): one stage.
+_CANDIDATES = {"cpu": (256, 4096), "cuda": (4096,)}
 
 
 def default_batch_size(device: torch.device | str) -> int:
@@ -56,26 +57,44 @@ def top_p_sample(logits: torch.Tensor, uniforms: torch.Tensor, top_p: float,
     the first of the nucleus, in descending order of probability, whose cumulative mass exceeds
     u * (mass of the nucleus). Returns [rows] int64.
     """
-    logits = logits.float()
+    scaled = logits.float()
     if temperature != 1.0:
-        logits = logits / temperature
-    probs = torch.softmax(logits, dim=-1)  # [rows, vocab]
-    uniforms = uniforms.to(probs.device, torch.float64)
-    tokens = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
-    todo = torch.arange(probs.shape[0], device=probs.device)  # rows not sampled yet
-    for candidates in _CANDIDATES:
-        if candidates >= probs.shape[-1] or todo.numel() == 0:
+        scaled = scaled / temperature
+    probs = torch.softmax(scaled, dim=-1)  # [rows, vocab]
+    # Half-precision logits order the vocabulary as the probabilities do (equal logits give equal
+    # probabilities), in half the bytes: rank by them, read the probabilities of the ranked ids.
+    keys = logits if logits.dtype in (torch.bfloat16, torch.float16) else probs
+    rows, device = probs.shape[0], probs.device
+    uniforms = uniforms.to(device, torch.float64)
+    tokens = torch.empty(rows, dtype=torch.long, device=device)
+    pending = torch.ones(rows, dtype=torch.bool, device=device)  # rows not sampled yet
+    # n candidates hold the nucleus only if their top n - 1 reach top_p, which needs a top
+    # probability of at least top_p / (n - 1): flatter rows (random weights) go straight to sorting.
+    top1 = probs.amax(-1).double()  # [rows]
+    for candidates in _CANDIDATES["cuda" if device.type == "cuda" else "cpu"]:
+        if candidates >= probs.shape[-1]:
             break
-        top_probs, top_ids = probs[todo].topk(candidates, dim=-1)  # sorted, descending
+        todo = (pending & (top1 * (candidates - 1) >= top_p - 1e-9)).nonzero().squeeze(-1)
+        if todo.numel() == 0:
+            continue
+        top_ids = _rows(keys, todo).topk(candidates, dim=-1).indices  # descending probability
+        top_probs = _rows(probs, todo).gather(-1, top_ids)
         # The mass before the last candidate reaches top_p: the nucleus ends among them.
         fits = top_probs.double().cumsum(-1)[:, -2] >= top_p
         done = todo[fits]
         tokens[done] = _sample_sorted(top_probs[fits], top_ids[fits], uniforms[done], top_p)
-        todo = todo[~fits]
+        pending[done] = False
+    todo = pending.nonzero().squeeze(-1)
     if todo.numel():
-        sorted_probs, sorted_ids = probs[todo].sort(dim=-1, descending=True)
+        sorted_keys, sorted_ids = _rows(keys, todo).sort(dim=-1, descending=True)
+        sorted_probs = sorted_keys if keys is probs else _rows(probs, todo).gather(-1, sorted_ids)
         tokens[todo] = _sample_sorted(sorted_probs, sorted_ids, uniforms[todo], top_p)
     return tokens
+
+
+def _rows(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """values[rows], without the copy where rows are all of them."""
+    return values if rows.numel() == values.shape[0] else values[rows]
 
 
 def _sample_sorted(sorted_probs: torch.Tensor, sorted_ids: torch.Tensor, uniforms: torch.Tensor,
