@@ -7,6 +7,15 @@ both). New tokens are counted up to (not including) EOS for both.
     python bench/eval.py                      # CPU: bundled SmolLM2, 50 prompts x 25 samples
     python bench/eval.py --prompts 8 --samples 5
     python bench/eval.py --gpu                # random-weight Qwen2.5-1.5B config, bf16, 600 x 25
+    python bench/eval.py --gpu --sharpen-top1 0.28 --score-texts 0
+
+Random weights give a nearly uniform next-token distribution (top-1 probability ~2e-4 over 152K
+tokens: the nucleus is most of the vocabulary), which no trained model has; SmolLM2's mean top-1
+probability after these prompts is 0.28 (median nucleus 210 tokens). `--sharpen-top1 P` scales the
+random model's final norm so that its mean top-1 probability after the first prompts is P. HF's
+sampler costs the same either way (it sorts the vocabulary every step); lmprune's depends on the
+nucleus, so both figures are worth reporting. Each run states the top-1 probability and nucleus
+size of its workload.
 
 Prints JSON lines; the last is {"machine": ..., "ratios": {...}, ...}.
 """
@@ -24,6 +33,7 @@ from pathlib import Path
 import torch
 
 from lmprune.data import load_corpus
+from lmprune.errors import LmpruneError
 from lmprune.evaluate.generate import eos_token_ids, sample_continuations, sample_token_ids
 from lmprune.evaluate.scorers import load_scorer
 from lmprune.models import load_model
@@ -34,9 +44,10 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def qwen_1p5b(device: str):
-    """Qwen2.5-1.5B's configuration with random weights (bf16), SmolLM2's tokenizer."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
+def qwen_1p5b(device: str, tokenizer_path: str | None):
+    """Qwen2.5-1.5B's configuration with random weights (bf16), SmolLM2's tokenizer (the bundled
+    one, or a saved copy at `tokenizer_path` where the bundle is not installed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
     config = Qwen2Config(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                          num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
@@ -45,7 +56,39 @@ def qwen_1p5b(device: str):
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    if tokenizer_path:
+        return model, AutoTokenizer.from_pretrained(tokenizer_path)
     return model, load_model("smollm2-135m", device="cpu").tokenizer
+
+
+@torch.inference_mode()
+def first_step_stats(model, tokenizer, prompts: list[str], top_p: float) -> dict:
+    """Mean top-1 probability and median nucleus size of the next token after these prompts."""
+    device = next(model.parameters()).device
+    enc = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt").to(device)
+    logits = model(**enc, logits_to_keep=1).logits[:, -1].float()
+    probs = torch.softmax(logits, -1).sort(-1, descending=True).values
+    nucleus = ((probs.double().cumsum(-1) - probs) < top_p).sum(-1).float()
+    return {"mean_top1_probability": round(probs[:, 0].mean().item(), 4),
+            "median_nucleus_tokens": int(nucleus.median().item())}
+
+
+@torch.inference_mode()
+def sharpen(model, tokenizer, prompts: list[str], top1: float, top_p: float) -> float:
+    """Scale the final norm's weight so that the mean top-1 probability is `top1` (bisection on
+    the log of the scale); returns the scale."""
+    weight = model.get_decoder().norm.weight
+    base = weight.clone()
+    low, high = 0.0, 6.0  # log2 of the scale
+    for _ in range(16):
+        mid = (low + high) / 2
+        weight.copy_(base * 2 ** mid)
+        if first_step_stats(model, tokenizer, prompts, top_p)["mean_top1_probability"] < top1:
+            low = mid
+        else:
+            high = mid
+    weight.copy_(base * 2 ** high)
+    return 2 ** high
 
 
 def hf_generate(model, tokenizer, prompts, samples, args, rows_per_call, device) -> int:
@@ -104,6 +147,10 @@ def main() -> None:
     parser.add_argument("--score-texts", type=int, default=500,
                         help="Continuations scored per scorer.")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads.")
+    parser.add_argument("--sharpen-top1", type=float, default=None,
+                        help="With --gpu: scale the final norm to this mean top-1 probability.")
+    parser.add_argument("--tokenizer", default=None,
+                        help="With --gpu: a saved SmolLM2 tokenizer folder instead of the bundle.")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,7 +160,7 @@ def main() -> None:
     num_prompts = args.prompts or (600 if args.gpu else 50)
     rows = args.batch_size or (2048 if args.gpu else 200)
     if args.gpu:
-        model, tokenizer = qwen_1p5b(device)
+        model, tokenizer = qwen_1p5b(device, args.tokenizer)
         model_name = "Qwen2.5-1.5B config, random weights, bf16"
     else:
         loaded = load_model("smollm2-135m", dtype="float32", device="cpu")
@@ -122,9 +169,19 @@ def main() -> None:
     prompts = load_corpus("rtp:challenging", limit=num_prompts).texts
     settings = dict(samples=args.samples, max_new_tokens=args.max_new_tokens, top_p=args.top_p,
                     temperature=args.temperature)
-
-    # Alternate the two generators chunk by chunk, so that load changes hit both alike.
     per_call = max(1, rows // args.samples)
+    scale = None
+    if args.sharpen_top1:
+        scale = sharpen(model, tokenizer, prompts[:64], args.sharpen_top1, args.top_p)
+        model_name += f", final norm x{scale:.2f}"
+    distribution = first_step_stats(model, tokenizer, prompts[:64], args.top_p)
+    print(json.dumps({"model": model_name, "next_token_after_prompts": distribution}))
+
+    # Warm both up (kernels, allocator, caches), then alternate them chunk by chunk, so that load
+    # changes hit both alike.
+    sample_token_ids(model, tokenizer, prompts[:per_call], batch_size=rows, progress=False,
+                     **settings)
+    hf_generate(model, tokenizer, prompts[:per_call], args.samples, args, rows, device)
     ours_s = hf_s = 0.0
     ours_tokens = hf_tokens = 0
     torch.manual_seed(0)
@@ -146,9 +203,9 @@ def main() -> None:
         print(json.dumps({"generator": name, "seconds": round(seconds, 2), "new_tokens": tokens,
                           "new_tokens_per_s": tokens / seconds}))
 
-    score_prompts = prompts[:max(1, args.score_texts // args.samples)]
+    score_prompts = prompts[:args.score_texts // args.samples]
     continuations = sample_continuations(model, tokenizer, score_prompts, batch_size=rows,
-                                         progress=False, **settings)
+                                         progress=False, **settings) if score_prompts else []
     texts = [text for per_prompt in continuations for text in per_prompt]
     scoring = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -157,8 +214,12 @@ def main() -> None:
                  "detoxify (BERT-base size, random)": f"detoxify:{folder}/model.ckpt?config="
                                                       f"{folder}",
                  "hf (BERT-base size, random)": f"hf:{folder}"}
-        for label, spec in specs.items():
-            scorer = load_scorer(spec, device=device)
+        for label, spec in specs.items() if texts else ():
+            try:
+                scorer = load_scorer(spec, device=device)
+            except LmpruneError as err:
+                print(json.dumps({"scorer": label, "skipped": str(err)}))
+                continue
             scorer.score(texts[:8])  # warm-up
             started = time.perf_counter()
             scorer.score(texts)
@@ -173,7 +234,8 @@ def main() -> None:
     print(json.dumps({
         "machine": machine,
         "model": model_name,
-        "workload": {"prompts": num_prompts, "rows_per_call": rows, **settings},
+        "workload": {"prompts": num_prompts, "rows_per_call": rows, **settings,
+                     "next_token_after_prompts": distribution},
         "new_tokens_per_s": {"lmprune": ours_tokens / ours_s, "hf_generate": hf_tokens / hf_s},
         "scoring_texts_per_s": scoring,
         "ratios": {"generate_vs_hf_new_tokens_per_s": (ours_tokens / ours_s)

@@ -5,6 +5,7 @@ headline's size and layers; a rerun reads everything back; a lost result reruns 
 import contextlib
 import io
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -26,7 +27,9 @@ ROWS = ["base", "planted", "wide", "random-0", "random-1", "aura", "top-auroc", 
 
 def compare_values(inputs: Path, out: Path) -> dict:
     return {
-        "model": str(inputs / "model"), "out": str(out), "device": "cpu",
+        # LMPRUNE_TEST_DEVICE=cuda runs the whole comparison on a GPU (bench/gpu.sh does)
+        "model": str(inputs / "model"), "out": str(out),
+        "device": os.environ.get("LMPRUNE_TEST_DEVICE", "cpu"),
         "collect": dict(offensive=str(inputs / "off.txt"), clean=str(inputs / "clean.txt"),
                         max_docs=40, coact_token_fraction=1.0, top_k_global=0),
         "locate": dict(k=6, knn=7, heldout_docs=20, exact=4, controls=3, exact_controls=1,

