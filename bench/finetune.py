@@ -33,6 +33,28 @@ def small_model():
     return AutoModelForCausalLM.from_config(config)
 
 
+def add_training_arguments(parser: argparse.ArgumentParser, batch: int, seq: int, repeats: int,
+                           batch_help: str = "Sequences per step.") -> None:
+    """The flags this benchmark shares with bench/induce.py."""
+    parser.add_argument("--model", default=None, help="Model to load (default: small config).")
+    parser.add_argument("--batch", type=int, default=batch, help=batch_help)
+    parser.add_argument("--seq", type=int, default=seq)
+    parser.add_argument("--steps", type=int, default=2, help="Steps per timed run.")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="Torch threads (1 is steadier when other work shares the cores).")
+
+
+def base_model(args: argparse.Namespace):
+    """The model of --model (float32), or the small config; torch threads set from --threads."""
+    torch.set_num_threads(args.threads)
+    if args.model:
+        from lmprune.models import load_model
+
+        return load_model(args.model, dtype="float32").model
+    return small_model()
+
+
 def main() -> None:
     from accelerate import Accelerator
 
@@ -41,23 +63,10 @@ def main() -> None:
     from lmprune.prune import PruneMask
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="Model to load (default: small config).")
     parser.add_argument("--fraction", type=float, default=0.1, help="Neurons pruned per layer.")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=2, help="Steps per timed run.")
-    parser.add_argument("--repeats", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="Torch threads (1 is steadier when other work shares the cores).")
+    add_training_arguments(parser, batch=4, seq=128, repeats=8)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    if args.model:
-        from lmprune.models import load_model
-
-        base = load_model(args.model, dtype="float32").model
-    else:
-        base = small_model()
+    base = base_model(args)
     nmap = NeuronMap(base)
     gen = torch.Generator().manual_seed(0)
     pruned = {layer: torch.randperm(nmap.width(layer), generator=gen)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune import small_model  # noqa: E402  (bench/finetune.py: the same small config)
+from finetune import add_training_arguments, base_model  # noqa: E402  (bench/finetune.py)
 
 
 def main() -> None:
@@ -37,23 +37,11 @@ def main() -> None:
     from lmprune.prune import PruneMask
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="Model to load (default: small config).")
     parser.add_argument("--neurons", type=int, default=16, help="Designated neurons per layer.")
-    parser.add_argument("--batch", type=int, default=8, help="Blocks per step (half routed).")
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=2, help="Steps per timed run.")
-    parser.add_argument("--repeats", type=int, default=6)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="Torch threads (1 is steadier when other work shares the cores).")
+    add_training_arguments(parser, batch=8, seq=64, repeats=6,
+                           batch_help="Blocks per step (half routed).")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    if args.model:
-        from lmprune.models import load_model
-
-        base = load_model(args.model, dtype="float32").model
-    else:
-        base = small_model()
+    base = base_model(args)
     nmap = NeuronMap(base)
     gen = torch.Generator().manual_seed(0)
     designated = {layer: torch.randperm(nmap.width(layer), generator=gen)[: args.neurons]

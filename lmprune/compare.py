@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmprune.collect import CollectConfig
-from lmprune.config import build_config, load_yaml, option
+from lmprune.config import build_config, option
 from lmprune.errors import LmpruneError
 from lmprune.evaluate.command import EvalConfig
 from lmprune.finetune import FinetuneConfig
@@ -185,45 +185,9 @@ def _check_induce(given, run: RunConfig) -> dict:
 def load_compare(path: str | Path, overrides: list[str] = (), out: str | None = None,
                  check_files: bool = True) -> CompareRecipe:
     """Read, override, validate; `check_files` also looks up the model and local corpora."""
-    from lmprune.pipeline import check_inputs
+    from lmprune.pipeline import load_recipe
 
-    path = Path(path)
-    values = apply_dotted(load_yaml(path), list(overrides))
-    if out is not None:
-        values["out"] = out
-    recipe = parse_compare(values, path.stem)
-    if recipe.run.out is None:
-        recipe.run.out = str(Path("runs") / path.stem)
-    if check_files:
-        check_inputs(recipe)
-    return recipe
-
-
-def apply_dotted(values: dict, overrides: list[str]) -> dict:
-    """`a.b.c=value` overrides at any depth (`modules.NAME.select=budget:2%`), read as YAML."""
-    import copy
-
-    import yaml
-
-    values = copy.deepcopy(values)
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        parts = [p.strip() for p in key.split(".")]
-        if not sep or not all(parts):
-            raise LmpruneError(f"--set '{item}': expected KEY=VALUE, e.g. eval.samples=25")
-        if len(parts) > 1 and parts[0] not in SECTIONS:
-            raise LmpruneError(f"--set {key}: unknown section '{parts[0]}'; sections: "
-                               f"{', '.join(SECTIONS)}")
-        target = values
-        for part in parts[:-1]:
-            target = target.setdefault(part, {})
-            if not isinstance(target, dict):
-                raise LmpruneError(f"--set {key}: '{part}' is not a section")
-        try:
-            target[parts[-1]] = yaml.safe_load(text)
-        except yaml.YAMLError:
-            target[parts[-1]] = text
-    return values
+    return load_recipe(path, overrides, out, check_files, parse=parse_compare, sections=SECTIONS)
 
 
 # --------------------------------------------------------------------------------------------

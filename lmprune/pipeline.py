@@ -16,6 +16,7 @@ changed.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -111,27 +112,29 @@ class Recipe:
     """The recipe after --set overrides, as read (for the record in the run folder)."""
 
 
-def apply_overrides(values: dict, overrides: list[str]) -> dict:
-    """`section.key=value` or `key=value` (top level); values parsed as YAML."""
-    values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+def apply_overrides(values: dict, overrides: list[str], sections=SECTIONS) -> dict:
+    """`key=value` (top level) or `section.key=value`, at any depth (a comparison's
+    `modules.NAME.select=top:2`); values read as YAML. A section left empty (null) becomes one."""
+    values = copy.deepcopy(values)
     for item in overrides:
         key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
+        parts = [part.strip() for part in key.split(".")]
+        if not sep or not all(parts):
             raise LmpruneError(f"--set '{item}': expected KEY=VALUE, e.g. collect.max_docs=200")
+        if len(parts) > 1 and parts[0] not in sections:
+            raise LmpruneError(f"--set {key}: unknown section '{parts[0]}'; sections: "
+                               f"{', '.join(sections)}")
+        target = values
+        for part in parts[:-1]:
+            if target.get(part) is None:
+                target[part] = {}
+            target = target[part]
+            if not isinstance(target, dict):
+                raise LmpruneError(f"--set {key}: '{part}' is not a section")
         try:
-            value = yaml.safe_load(text)
+            target[parts[-1]] = yaml.safe_load(text)
         except yaml.YAMLError:
-            value = text
-        section, dot, name = key.partition(".")
-        if not dot:
-            values[key] = value
-            continue
-        if section not in SECTIONS:
-            raise LmpruneError(f"--set {key}: unknown section '{section}'; sections: "
-                               f"{', '.join(SECTIONS)}")
-        current = values.get(section)
-        values[section] = {**(current if isinstance(current, dict) else {}), name: value}
+            target[parts[-1]] = text
     return values
 
 
@@ -209,14 +212,15 @@ def check_inputs(recipe: Recipe) -> None:
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), out: str | None = None,
-                check_files: bool = True) -> Recipe:
+                check_files: bool = True, parse=None, sections=SECTIONS) -> Recipe:
     """Read, override, validate. `check_files=False` checks keys and types only (no model or
-    corpus lookups: for recipes meant for the Hub)."""
+    corpus lookups: for recipes meant for the Hub). `parse` and `sections` are `lmprune run`'s
+    unless given (`lmprune compare` gives its own)."""
     path = Path(path)
-    values = apply_overrides(load_yaml(path), list(overrides))
+    values = apply_overrides(load_yaml(path), list(overrides), sections)
     if out is not None:
         values["out"] = out
-    recipe = parse_recipe(values, path.stem)
+    recipe = (parse or parse_recipe)(values, path.stem)
     if recipe.run.out is None:
         recipe.run.out = str(Path("runs") / path.stem)
     if check_files:

@@ -17,7 +17,8 @@ from planted import PLANTED, write_run_inputs
 from safetensors.torch import load_file
 
 from lmprune.cli import main
-from lmprune.pipeline import load_recipe
+from lmprune.errors import LmpruneError
+from lmprune.pipeline import apply_overrides, load_recipe
 
 # tiny models run far faster on one thread when other work shares the 2 cores
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -238,6 +239,15 @@ def test_bad_set_values_are_refused(inputs, tmp_path, capsys):
     assert main(["run", str(recipe), "--set", "colect.max_docs=3"]) == 2
     assert "unknown section 'colect'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_set_reaches_any_depth_and_fills_an_empty_section():
+    values = {"finetune": None, "locate": {"k": 4}}
+    got = apply_overrides(values, ["finetune.max_steps=3", "locate.k=8", "out=x"])
+    assert got == {"finetune": {"max_steps": 3}, "locate": {"k": 8}, "out": "x"}
+    assert values == {"finetune": None, "locate": {"k": 4}}  # the recipe as read is kept
+    with pytest.raises(LmpruneError, match="'k' is not a section"):
+        apply_overrides(values, ["locate.k.x=1"])
 
 
 RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml")
