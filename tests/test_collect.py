@@ -74,8 +74,10 @@ def _read(out: Path) -> dict:
 
 
 def _activations(folder: Path, spec: Path) -> list[np.ndarray]:
-    """Each document alone (no padding): [L, T, W] float64 per document."""
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    """Each document alone (no padding): [L, T, W] float64 per document, on the device collect
+    runs on (a GPU's float32 arithmetic differs from a CPU's in the last bits)."""
+    device = os.environ.get("LMPRUNE_TEST_DEVICE", "cpu")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().to(device)
     tok = AutoTokenizer.from_pretrained(folder)
     docs = []
     for text in load_corpus(str(spec)).texts:
@@ -86,8 +88,8 @@ def _activations(folder: Path, spec: Path) -> list[np.ndarray]:
             layers[i] = a[0]
 
         with torch.no_grad(), NeuronHooks(model, keep):
-            model(torch.tensor([ids]))
-        docs.append(np.stack([layers[i].double().numpy() for i in sorted(layers)]))
+            model(torch.tensor([ids], device=device))
+        docs.append(np.stack([layers[i].double().cpu().numpy() for i in sorted(layers)]))
     return docs
 
 
