@@ -134,6 +134,31 @@ def detoxify_like_checkpoint(folder: Path) -> str:
     return str(folder)
 
 
+def score_speeds(texts: list[str], device: str) -> dict[str, float]:
+    """Texts per second of each scorer on these texts (those that cannot load are skipped)."""
+    scoring = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = detoxify_like_checkpoint(Path(tmp))
+        specs = {"profanity_check": "profanity_check",
+                 "detoxify (BERT-base size, random)": f"detoxify:{folder}/model.ckpt?config="
+                                                      f"{folder}",
+                 "hf (BERT-base size, random)": f"hf:{folder}"}
+        for label, spec in specs.items():
+            try:
+                scorer = load_scorer(spec, device=device)
+            except LmpruneError as err:
+                print(json.dumps({"scorer": label, "skipped": str(err)}))
+                continue
+            scorer.score(texts[:8])  # warm-up
+            started = time.perf_counter()
+            scorer.score(texts)
+            sync(device)
+            scoring[label] = len(texts) / (time.perf_counter() - started)
+            print(json.dumps({"scorer": label, "texts": len(texts),
+                              "texts_per_s": round(scoring[label], 1)}))
+    return scoring
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="Qwen2.5-1.5B config on CUDA, bf16.")
@@ -149,6 +174,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads.")
     parser.add_argument("--sharpen-top1", type=float, default=None,
                         help="With --gpu: scale the final norm to this mean top-1 probability.")
+    parser.add_argument("--static", action="store_true",
+                        help="lmprune's fixed-shape decoder (static cache; a CUDA graph on GPUs).")
     parser.add_argument("--tokenizer", default=None,
                         help="With --gpu: a saved SmolLM2 tokenizer folder instead of the bundle.")
     args = parser.parse_args()
@@ -180,7 +207,7 @@ def main() -> None:
     # Warm both up (kernels, allocator, caches), then alternate them chunk by chunk, so that load
     # changes hit both alike.
     sample_token_ids(model, tokenizer, prompts[:per_call], batch_size=rows, progress=False,
-                     **settings)
+                     static=args.static, **settings)
     hf_generate(model, tokenizer, prompts[:per_call], args.samples, args, rows, device)
     ours_s = hf_s = 0.0
     ours_tokens = hf_tokens = 0
@@ -190,7 +217,7 @@ def main() -> None:
         sync(device)
         started = time.perf_counter()
         ids = sample_token_ids(model, tokenizer, chunk, batch_size=rows, progress=False,
-                               index_offset=start, **settings)
+                               index_offset=start, static=args.static, **settings)
         sync(device)
         ours_s += time.perf_counter() - started
         ours_tokens += sum(len(r) for p in ids for r in p)
@@ -207,26 +234,7 @@ def main() -> None:
     continuations = sample_continuations(model, tokenizer, score_prompts, batch_size=rows,
                                          progress=False, **settings) if score_prompts else []
     texts = [text for per_prompt in continuations for text in per_prompt]
-    scoring = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = detoxify_like_checkpoint(Path(tmp))
-        specs = {"profanity_check": "profanity_check",
-                 "detoxify (BERT-base size, random)": f"detoxify:{folder}/model.ckpt?config="
-                                                      f"{folder}",
-                 "hf (BERT-base size, random)": f"hf:{folder}"}
-        for label, spec in specs.items() if texts else ():
-            try:
-                scorer = load_scorer(spec, device=device)
-            except LmpruneError as err:
-                print(json.dumps({"scorer": label, "skipped": str(err)}))
-                continue
-            scorer.score(texts[:8])  # warm-up
-            started = time.perf_counter()
-            scorer.score(texts)
-            sync(device)
-            scoring[label] = len(texts) / (time.perf_counter() - started)
-            print(json.dumps({"scorer": label, "texts": len(texts),
-                              "texts_per_s": round(scoring[label], 1)}))
+    scoring = score_speeds(texts, device) if texts else {}
 
     gpu = torch.cuda.get_device_name() if args.gpu else None
     machine = gpu or f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, " \
@@ -235,6 +243,7 @@ def main() -> None:
         "machine": machine,
         "model": model_name,
         "workload": {"prompts": num_prompts, "rows_per_call": rows, **settings,
+                     "lmprune_decoder": "static" if args.static else "dynamic",
                      "next_token_after_prompts": distribution},
         "new_tokens_per_s": {"lmprune": ours_tokens / ours_s, "hf_generate": hf_tokens / hf_s},
         "scoring_texts_per_s": scoring,

@@ -2,7 +2,8 @@
 # The GPU figures, in one run: bench/collect.py on random-weight SmolLM2-135M and Qwen2.5-1.5B
 # configurations (bf16, 32 x 512 tokens); bench/eval.py --gpu (Qwen2.5-1.5B configuration, bf16,
 # 600 RTP challenging prompts x 25 samples) with the random weights as drawn and sharpened to
-# SmolLM2's top-1 probability; and the collect and comparison tests with every stage on CUDA.
+# SmolLM2's top-1 probability, each with the dynamic and the fixed-shape decoder; and the collect
+# and comparison tests with every stage on CUDA.
 # Each step runs even if one before it failed; results go to $OUT (default bench-gpu/).
 #
 #   LMPRUNE_DATA_DIR=../shared/data OUT=bench-gpu bash bench/gpu.sh
@@ -18,9 +19,14 @@ for config in smollm2-135m qwen2.5-1.5b; do
     python3 bench/collect.py --config-name "$config" --device cuda --dtype bfloat16 \
         --batch 32 --length 512 --repeats 32 | tee "$OUT/collect-$config.json"
 done
-python3 bench/eval.py --gpu ${TOKENIZER:+--tokenizer "$TOKENIZER"} | tee "$OUT/eval.jsonl"
-python3 bench/eval.py --gpu ${TOKENIZER:+--tokenizer "$TOKENIZER"} --sharpen-top1 0.28 \
-    --score-texts 0 | tee "$OUT/eval-sharpened.jsonl"
+tokenizer=()
+[ -n "${TOKENIZER:-}" ] && tokenizer=(--tokenizer "$TOKENIZER")
+eval_gpu() { python3 bench/eval.py --gpu "${tokenizer[@]}" "$@"; }
+eval_gpu | tee "$OUT/eval.jsonl"
+eval_gpu --sharpen-top1 0.28 --score-texts 0 | tee "$OUT/eval-sharpened.jsonl"
+# lmprune's fixed-shape decoder (static cache, a CUDA graph), as drawn and sharpened
+eval_gpu --static --score-texts 0 | tee "$OUT/eval-static.jsonl"
+eval_gpu --static --sharpen-top1 0.28 --score-texts 0 | tee "$OUT/eval-static-sharpened.jsonl"
 LMPRUNE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_compare.py \
     tests/test_collect.py -k "not smollm2 and not two_processes and not resume and not shipped" 2>&1 \
     | tee "$OUT/tests-cuda.txt"

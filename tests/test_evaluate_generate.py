@@ -116,6 +116,26 @@ def test_sampler_equals_reference_loop(model_type):
     assert got == expected
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gpt_neox", "opt", "qwen2", "phi3"])
+def test_fixed_shape_decoding_gives_the_reference_tokens(model_type):
+    """The static-cache decoder (one shape for every step and batch: padded prompts, a last batch
+    filled with repeats, finished rows decoded on) samples what the reference loop samples."""
+    model, tok = tiny_model(model_type), tiny_tokenizer()
+    with torch.no_grad():  # a frequent token as EOS, so that rows end at different steps
+        sampled = sample_token_ids(model, tok, PROMPTS, samples=4, max_new_tokens=6,
+                                   progress=False)
+    model.generation_config.eos_token_id = torch.tensor(
+        [t for p in sampled for r in p for t in r]).mode().values.item()
+    args = dict(samples=3, max_new_tokens=6, top_p=0.8, temperature=1.0, seed=7)
+    with torch.no_grad():
+        expected = reference_sampler(model, tok, PROMPTS, **args)
+    # 3 prompts a batch: the second batch holds 1 prompt and 2 repeats
+    got = sample_token_ids(model, tok, PROMPTS, batch_size=9, progress=False, static=True,
+                           **args)
+    assert got == expected
+    assert any(len(r) < 6 for p in got for r in p)  # some rows ended at EOS
+
+
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "gpt_neox", "opt", "qwen2"])
 def test_greedy_equals_hf_generate_left_padded(model_type):
     model, tok = tiny_model(model_type), tiny_tokenizer()

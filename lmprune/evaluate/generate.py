@@ -12,6 +12,10 @@ Where the time goes, and what this does about it (compared with HF `generate` an
   advance from one seeded generator per prompt. A prompt's continuations therefore depend on the
   seed and the prompt's index only, not on the batch size, the order or the device (up to the
   floating-point noise of batched matrix products).
+
+`static=True` decodes with one shape throughout (`_StaticDecoder`), which on GPUs replays each step
+as a CUDA graph: written for the GPU, where the loop above is bound by Python and kernel launches,
+and not yet measured there (bench/gpu.sh does).
 """
 
 from __future__ import annotations
@@ -146,15 +150,22 @@ def _encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     return encoded
 
 
-def _batches(encoded: list[list[int]], prompts_per_batch: int, pad_id: int):
-    """Left-padded batches of prompts of similar length (longest first: memory peaks early)."""
+def _batches(encoded: list[list[int]], prompts_per_batch: int, pad_id: int,
+             fixed: bool = False):
+    """Left-padded batches of prompts of similar length (longest first: memory peaks early).
+
+    `fixed`: every batch has the same shape, prompts_per_batch rows (the last batch repeats its
+    last prompt, rows that `_Batch.prompt_indices` does not list) x the longest prompt.
+    """
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    longest = len(encoded[order[0]])
     for start in range(0, len(order), prompts_per_batch):
         indices = order[start:start + prompts_per_batch]
-        length = max(len(encoded[i]) for i in indices)
-        input_ids = torch.full((len(indices), length), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(indices), length), dtype=torch.long)
-        for row, i in enumerate(indices):
+        length = longest if fixed else max(len(encoded[i]) for i in indices)
+        rows = indices + indices[-1:] * (prompts_per_batch - len(indices)) if fixed else indices
+        input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for row, i in enumerate(rows):
             ids = encoded[i]
             input_ids[row, length - len(ids):] = torch.tensor(ids)
             mask[row, length - len(ids):] = 1
@@ -165,11 +176,12 @@ def _batches(encoded: list[list[int]], prompts_per_batch: int, pad_id: int):
 def sample_token_ids(model, tokenizer, prompts: list[str], samples: int,
                      max_new_tokens: int = 20, top_p: float = 0.9, temperature: float = 1.0,
                      seed: int = 0, batch_size: int | None = None, progress: bool = True,
-                     index_offset: int = 0) -> list[list[list[int]]]:
+                     index_offset: int = 0, static: bool = False) -> list[list[list[int]]]:
     """Token ids of `samples` continuations per prompt (EOS excluded): [prompt][sample][token].
 
     `batch_size` counts rows (prompt x sample) per forward pass; a batch holds at least one prompt.
-    Prompt i is sampled with the generator of index `index_offset + i`.
+    Prompt i is sampled with the generator of index `index_offset + i`. `static`: decode with
+    fixed shapes (`_StaticDecoder`; the same tokens, an experiment for GPUs).
     """
     if samples < 1 or max_new_tokens < 1:
         raise LmpruneError("samples and max_new_tokens must be at least 1")
@@ -189,13 +201,21 @@ def sample_token_ids(model, tokenizer, prompts: list[str], samples: int,
     encoded = _encode_prompts(tokenizer, prompts)
     results: list[list[list[int]]] = [[] for _ in prompts]
     bar = tqdm(total=len(prompts), desc="sampling", unit="prompt", disable=not progress)
-    for batch in _batches(encoded, prompts_per_batch, pad_id):
+    prompts_per_batch = min(prompts_per_batch, len(prompts))
+    decoder = _StaticDecoder(model, prompts_per_batch * samples,
+                             max(map(len, encoded)) + max_new_tokens, device) if static else None
+    for batch in _batches(encoded, prompts_per_batch, pad_id, fixed=static):
         uniforms = torch.cat([  # [rows, steps]: row = prompt-in-batch * samples + sample
             prompt_uniforms(seed, index_offset + i, max_new_tokens, samples).T
             for i in batch.prompt_indices
         ])
-        rows = _sample_batch(model, batch, samples, max_new_tokens, top_p, temperature,
-                             uniforms, eos_tensor, device)
+        if decoder is not None:
+            filler = uniforms[-samples:].repeat(prompts_per_batch - len(batch.prompt_indices), 1)
+            rows = decoder.sample(batch, samples, max_new_tokens, top_p, temperature,
+                                  torch.cat([uniforms, filler]), eos_tensor)
+        else:
+            rows = _sample_batch(model, batch, samples, max_new_tokens, top_p, temperature,
+                                 uniforms, eos_tensor, device)
         for n, i in enumerate(batch.prompt_indices):
             results[i] = rows[n * samples:(n + 1) * samples]
         bar.update(len(batch.prompt_indices))
@@ -243,6 +263,73 @@ def _sample_batch(model, batch: _Batch, samples: int, max_new_tokens: int, top_p
         logits = out.logits[:, -1]
         next_position = next_position + 1
     return [tokens[r, :lengths[r]].tolist() for r in range(num_rows)]
+
+
+class _StaticDecoder:
+    """Decoding with one shape throughout, for CUDA graphs.
+
+    Every batch has the same rows and prompt length (`_batches(fixed=True)`), one StaticCache
+    serves them all and finished rows are decoded on (their tokens after EOS are dropped), so the
+    decode step has a single shape: on GPUs it is compiled once with
+    `torch.compile(mode="reduce-overhead")`, which replays it as a CUDA graph without per-layer
+    Python and kernel launches (what bounds `_sample_batch` there). Same tokens as
+    `_sample_batch` up to floating-point noise.
+    """
+
+    def __init__(self, model, rows: int, max_length: int, device: torch.device):
+        from transformers import StaticCache
+
+        self.model, self.device = model, device
+        self.cache = StaticCache(config=model.config, max_cache_len=max_length)
+        self.cache_arg = {_cache_keyword(model): self.cache}
+        self.mask = torch.zeros(rows, max_length, dtype=torch.long, device=device)
+        self.step = self._step
+        if device.type == "cuda":
+            self.step = torch.compile(self._step, mode="reduce-overhead")
+
+    def _step(self, new: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor):
+        out = self.model(input_ids=new, attention_mask=mask, position_ids=positions,
+                         use_cache=True, **self.cache_arg)
+        return out.logits[:, -1]
+
+    def sample(self, batch: _Batch, samples: int, max_new_tokens: int, top_p: float,
+               temperature: float, uniforms: torch.Tensor, eos: torch.Tensor) -> list[list[int]]:
+        """As `_sample_batch`, for the prompts the batch lists."""
+        device = self.device
+        input_ids = batch.input_ids.to(device)
+        mask = batch.attention_mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        prefill = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                         use_cache=True, logits_to_keep=1, **{_cache_keyword(self.model): prefill})
+        self.cache.reset()
+        for layer, cached in enumerate(prefill.layers):  # each prompt's prefix, k times
+            self.cache.update(cached.keys.repeat_interleave(samples, 0),
+                              cached.values.repeat_interleave(samples, 0), layer)
+        length = input_ids.shape[1]
+        self.mask.zero_()
+        self.mask[:, :length] = mask.repeat_interleave(samples, dim=0)
+        logits = out.logits[:, -1].repeat_interleave(samples, dim=0)  # [rows, vocab]
+        next_position = positions[:, -1:].repeat_interleave(samples, dim=0) + 1  # [rows, 1]
+
+        rows = len(batch.prompt_indices) * samples  # the rest repeat the last prompt
+        tokens = torch.zeros(rows, max_new_tokens, dtype=torch.long)  # [rows, steps], on CPU
+        lengths = torch.full((rows,), max_new_tokens, dtype=torch.long)  # up to EOS
+        running = torch.ones(rows, dtype=torch.bool)
+        uniforms = uniforms.to(device)
+        for step in range(max_new_tokens):
+            new = top_p_sample(logits, uniforms[:, step], top_p, temperature)
+            tokens[:, step] = new[:rows].cpu()
+            if eos.numel():
+                finished = running & torch.isin(new[:rows], eos).cpu()
+                lengths[finished] = step
+                running &= ~finished
+            if step == max_new_tokens - 1 or not bool(running.any()):
+                break
+            self.mask[:, length + step] = 1
+            logits = self.step(new.unsqueeze(-1), self.mask, next_position)
+            next_position = next_position + 1
+        return [tokens[r, :lengths[r]].tolist() for r in range(rows)]
 
 
 def decode_continuations(tokenizer, prompt: str, continuations: list[list[int]]) -> list[str]:
