@@ -135,7 +135,7 @@ def main() -> None:
                 acc.start(batch, device)
                 forward_batch(model, batch, device)
                 pooled_max, pooled_mean = acc.finish()
-                pooled_max.cpu().numpy(), pooled_mean.cpu().numpy()
+                acc.to_host("max", pooled_max), acc.to_host("mean", pooled_mean)
 
         collect()
         sync(device)

@@ -21,7 +21,7 @@ for config in smollm2-135m qwen2.5-1.5b; do
 done
 tokenizer=()
 [ -n "${TOKENIZER:-}" ] && tokenizer=(--tokenizer "$TOKENIZER")
-eval_gpu() { python3 bench/eval.py --gpu "${tokenizer[@]}" "$@"; }
+eval_gpu() { python3 bench/eval.py --gpu ${tokenizer[@]+"${tokenizer[@]}"} "$@"; }
 eval_gpu | tee "$OUT/eval.jsonl"
 eval_gpu --sharpen-top1 0.28 --score-texts 0 | tee "$OUT/eval-sharpened.jsonl"
 # lmprune's fixed-shape decoder (static cache, a CUDA graph), as drawn and sharpened

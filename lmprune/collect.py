@@ -217,7 +217,17 @@ def _limit_tokens(docs: list[list[int]], max_tokens: int | None) -> list[list[in
 def gram_row_dtype(acts_dtype: torch.dtype, device) -> torch.dtype:
     """Precision of the rows that SymmetricGram multiplies (see there)."""
     half = torch.device(device).type == "cuda" and acts_dtype in (torch.bfloat16, torch.float16)
-    return acts_dtype if half else torch.float32
+    return acts_dtype if half and _float32_products_of(acts_dtype, device) else torch.float32
+
+
+def _float32_products_of(dtype: torch.dtype, device) -> bool:
+    """Whether this torch multiplies half-precision matrices into float32 (`out_dtype`, recent
+    versions only)."""
+    one = torch.ones(1, 1, 1, dtype=dtype, device=device)
+    try:
+        return torch.bmm(one, one, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
 
 
 class SymmetricGram:
@@ -317,19 +327,19 @@ def parse_fire_threshold(spec: str, gated: bool) -> tuple[str, float]:
 
 
 def _layer_sums(acts: torch.Tensor, shift: torch.Tensor, threshold: torch.Tensor,
-                valid: torch.Tensor, pad_bias: torch.Tensor, relative: bool):
+                valid: torch.Tensor, relative: bool):
     """One layer's sums over a batch, written for torch.compile to fuse into one read of the
     activations (GPUs; `FirstPass.hook`'s eager code does the same on CPUs).
 
-    acts [B, T, W]; shift, threshold [W]; valid [B, T, 1] 1.0 at real tokens, pad_bias [B, T, 1]
-    0 or -inf. Returns the centred sum of squares [W], firing count [W], per-document sum and max
-    [B, W], all float32.
+    acts [B, T, W]; shift, threshold [W]; valid [B, T, 1] True at real tokens (padding positions
+    are left out whatever they hold). Returns the centred sum of squares [W], firing count [W],
+    per-document sum and max [B, W], all float32.
     """
     x = acts.float()
-    centered = (x - shift) * valid
+    centered = torch.where(valid, x - shift, 0.0)
     over = x.abs() if relative else x
-    return ((centered * centered).sum((0, 1)), ((over > threshold) * valid).sum((0, 1)),
-            (x * valid).sum(1), (x + pad_bias).amax(1))
+    return ((centered * centered).sum((0, 1)), (valid & (over > threshold)).sum((0, 1)).float(),
+            torch.where(valid, x, 0.0).sum(1), torch.where(valid, x, float("-inf")).amax(1))
 
 
 class FirstPass:
@@ -384,7 +394,7 @@ class FirstPass:
         mask = batch.attention_mask.to(dev, non_blocking=True)
         self.padded = self.valid.numel() < mask.numel()
         self.mask_f = mask.to(torch.float32).unsqueeze(1)  # [B, 1, T]
-        self.valid_f = self.mask_f.transpose(1, 2)  # [B, T, 1]
+        self.valid_3d = mask.bool().unsqueeze(2)  # [B, T, 1]
         self.pad_bias = torch.where(mask.bool(), 0.0, float("-inf")).unsqueeze(2)  # [B, T, 1]
         self.lengths = batch.lengths.to(dev, torch.float64).unsqueeze(1)  # [B, 1]
         self.b_sumsq = self._buffer("sumsq", self.L, self.W)
@@ -414,8 +424,8 @@ class FirstPass:
                   out=self.coact_rows[layer])
         if self.fused is not None:
             try:
-                sums = self.fused(acts, self.shift[layer], self.threshold[layer], self.valid_f,
-                                  self.pad_bias, self.fire_mode == "relative")
+                sums = self.fused(acts, self.shift[layer], self.threshold[layer], self.valid_3d,
+                                  self.fire_mode == "relative")
             except Exception as err:  # noqa: BLE001 - no compiler here: the eager code is exact
                 warnings.warn(f"torch.compile of the collect sums failed ({err!r:.200}); "
                               f"using eager code, which is slower", stacklevel=2)
@@ -441,8 +451,8 @@ class FirstPass:
         torch.amax(masked, dim=1, out=self.b_max[layer])  # [B, W]
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fold the batch buffers into the sums; returns pooled (max, mean) [B, L, W] float32 in
-        host memory (buffers that the next batch overwrites)."""
+        """Fold the batch buffers into the sums; returns pooled (max, mean) [B, L, W] float32
+        (views of buffers that the next batch overwrites; `to_host` copies them)."""
         batch, s = self.batch, self.state
         c = CORPORA[batch.corpus]
         s[f"{c}.tokens"] += batch.tokens
@@ -463,19 +473,19 @@ class FirstPass:
         if self.hist_edges is not None:
             self._histogram(s[f"{c}.hist"], self.b_max)
         doc_mean = (doc_sums / self.lengths).float()
-        return (self._to_host("max", self.b_max.transpose(0, 1)),
-                self._to_host("mean", doc_mean.transpose(0, 1)))
+        return self.b_max.transpose(0, 1), doc_mean.transpose(0, 1)
 
-    def _to_host(self, name: str, values: torch.Tensor) -> torch.Tensor:
-        """A GPU tensor copied into reused page-locked memory (about 3x the bandwidth of a plain
-        `.cpu()` into pageable memory); CPU tensors as they are."""
+    def to_host(self, name: str, values: torch.Tensor) -> np.ndarray:
+        """Values as a NumPy array, a GPU tensor copied through reused page-locked memory (about
+        3x the bandwidth of a plain `.cpu()` into pageable memory); the array is overwritten by
+        the next call of the same name."""
         if values.device.type != "cuda":
-            return values
+            return values.numpy()
         host = self._host.get(name)
         if host is None or host.numel() < values.numel():
             host = self._host[name] = torch.empty(values.numel(), dtype=values.dtype,
                                                   pin_memory=True)
-        return host[:values.numel()].view(values.shape).copy_(values)
+        return host[:values.numel()].view(values.shape).copy_(values).numpy()
 
     def _histogram(self, hist: torch.Tensor, values: torch.Tensor) -> None:
         """Count each document's max-pooled value into its neuron's bin (clipped at the ends)."""
@@ -719,6 +729,9 @@ class Collector:
         settings.update(fire_threshold=fire, fire_threshold_spec=cfg.fire_threshold,
                         dtype=str(self._dtype()).replace("torch.", ""),
                         device=str(self.device), processes=self.procs.world)
+        rows = gram_row_dtype(self._dtype(), self.device)
+        if rows != torch.float32:  # a checkpoint resumes only in the precision it was summed in
+            settings["gram_rows"] = str(rows).replace("torch.", "")
         return settings
 
     def _fingerprint(self) -> str:
@@ -845,8 +858,8 @@ class Collector:
                     pmax, pmean = acc.finish()
                     if pooled[corpus] is not None:
                         rows = np.asarray(docs)
-                        pooled[corpus]["max"][rows] = pmax.cpu().numpy()
-                        pooled[corpus]["mean"][rows] = pmean.cpu().numpy()
+                        pooled[corpus]["max"][rows] = acc.to_host("max", pmax)
+                        pooled[corpus]["mean"][rows] = acc.to_host("mean", pmean)
                 first = rnd * self.procs.world
                 bar.update(sum(tokens[first:first + self.procs.world]))
                 if (rnd + 1) % self.cfg.checkpoint_every == 0 and rnd + 1 < rounds:

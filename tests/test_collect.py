@@ -208,7 +208,7 @@ def test_histogram_auroc_is_within_its_bound(work, tmp_path):
         _close(stats[key], exact["stats"][key])
 
 
-def _first_pass_sums(fused, device="cpu", fire_mode="relative"):
+def _first_pass_sums(fused, device="cpu", fire_mode="relative", pad_value=None):
     """One padded batch of random activations through FirstPass.hook: its per-layer buffers."""
     gen = torch.Generator().manual_seed(0)
     layers, width = 2, 16
@@ -221,7 +221,10 @@ def _first_pass_sums(fused, device="cpu", fire_mode="relative"):
     acc.fused = fused
     acc.start(batch, device)
     for layer in range(layers):  # padding positions hold values too: they must not count
-        acc.hook(layer, torch.randn(*batch.input_ids.shape, width, generator=gen).to(device))
+        acts = torch.randn(*batch.input_ids.shape, width, generator=gen)
+        if pad_value is not None:
+            acts[batch.attention_mask == 0] = pad_value
+        acc.hook(layer, acts.to(device))
     return [b.cpu().clone() for b in (acc.b_sumsq, acc.b_fires, acc.b_docsum, acc.b_max)]
 
 
@@ -231,8 +234,10 @@ def test_fused_layer_sums_equal_the_eager_ones(fire_mode):
     on a GPU, LMPRUNE_TEST_DEVICE=cuda runs the compiled one against the references)."""
     eager = _first_pass_sums(None, fire_mode=fire_mode)
     fused = _first_pass_sums(_layer_sums, fire_mode=fire_mode)
-    for got, want in zip(fused, eager, strict=True):
+    not_finite_pads = _first_pass_sums(_layer_sums, fire_mode=fire_mode, pad_value=float("nan"))
+    for got, nan_padded, want in zip(fused, not_finite_pads, eager, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(nan_padded, want, rtol=1e-6, atol=1e-5)
 
 
 def test_gram_buffers_rows_of_any_count_and_equals_x_transpose_x():

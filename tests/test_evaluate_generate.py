@@ -136,6 +136,21 @@ def test_fixed_shape_decoding_gives_the_reference_tokens(model_type):
     assert any(len(r) < 6 for p in got for r in p)  # some rows ended at EOS
 
 
+def test_fixed_shape_decoder_is_reused_by_calls_of_its_shape():
+    from lmprune.evaluate import generate
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    args = dict(samples=3, max_new_tokens=5, batch_size=6, progress=False, static=True)
+    whole = sample_token_ids(model, tok, PROMPTS, **args)
+    decoder = generate._DECODER[0]
+    halves = (sample_token_ids(model, tok, PROMPTS[:2], **args)
+              + sample_token_ids(model, tok, PROMPTS[2:], index_offset=2, **args))
+    assert halves == whole and generate._DECODER[0] is decoder
+    model.config.sliding_window = 16  # prompt and continuation longer than the window: refused
+    with pytest.raises(LmpruneError, match="sliding window"):
+        sample_token_ids(model, tok, PROMPTS, **args)
+
+
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "gpt_neox", "opt", "qwen2"])
 def test_greedy_equals_hf_generate_left_padded(model_type):
     model, tok = tiny_model(model_type), tiny_tokenizer()

@@ -151,18 +151,18 @@ def _encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
 
 
 def _batches(encoded: list[list[int]], prompts_per_batch: int, pad_id: int,
-             fixed: bool = False):
+             fixed_length: int | None = None):
     """Left-padded batches of prompts of similar length (longest first: memory peaks early).
 
-    `fixed`: every batch has the same shape, prompts_per_batch rows (the last batch repeats its
-    last prompt, rows that `_Batch.prompt_indices` does not list) x the longest prompt.
+    `fixed_length`: every batch has one shape, prompts_per_batch rows (the last batch repeats its
+    last prompt, in rows that `_Batch.prompt_indices` does not list) x fixed_length tokens.
     """
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    longest = len(encoded[order[0]])
     for start in range(0, len(order), prompts_per_batch):
         indices = order[start:start + prompts_per_batch]
-        length = longest if fixed else max(len(encoded[i]) for i in indices)
-        rows = indices + indices[-1:] * (prompts_per_batch - len(indices)) if fixed else indices
+        length = fixed_length or max(len(encoded[i]) for i in indices)
+        rows = indices + indices[-1:] * (prompts_per_batch - len(indices)) if fixed_length \
+            else indices
         input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)
         for row, i in enumerate(rows):
@@ -201,10 +201,12 @@ def sample_token_ids(model, tokenizer, prompts: list[str], samples: int,
     encoded = _encode_prompts(tokenizer, prompts)
     results: list[list[list[int]]] = [[] for _ in prompts]
     bar = tqdm(total=len(prompts), desc="sampling", unit="prompt", disable=not progress)
-    prompts_per_batch = min(prompts_per_batch, len(prompts))
-    decoder = _StaticDecoder(model, prompts_per_batch * samples,
-                             max(map(len, encoded)) + max_new_tokens, device) if static else None
-    for batch in _batches(encoded, prompts_per_batch, pad_id, fixed=static):
+    decoder = fixed_length = None
+    if static:  # lengths in steps of 64, so that calls of similar prompts share one decoder
+        fixed_length = -(-max(map(len, encoded)) // 64) * 64
+        decoder = _static_decoder(model, prompts_per_batch * samples,
+                                  fixed_length + max_new_tokens, device)
+    for batch in _batches(encoded, prompts_per_batch, pad_id, fixed_length):
         uniforms = torch.cat([  # [rows, steps]: row = prompt-in-batch * samples + sample
             prompt_uniforms(seed, index_offset + i, max_new_tokens, samples).T
             for i in batch.prompt_indices
@@ -265,15 +267,31 @@ def _sample_batch(model, batch: _Batch, samples: int, max_new_tokens: int, top_p
     return [tokens[r, :lengths[r]].tolist() for r in range(num_rows)]
 
 
+_DECODER: list = []  # the last _StaticDecoder: calls of the same shape reuse its compiled step
+
+
+def _static_decoder(model, rows: int, max_length: int, device: torch.device):
+    window = getattr(model.config.get_text_config(), "sliding_window", None)
+    if window and max_length > window:  # a DynamicCache prefill keeps only the window
+        raise LmpruneError(f"static decoding holds at most the sliding window ({window} tokens) "
+                           f"of prompt and continuation; decode without it")
+    key = (rows, max_length, str(device), next(model.parameters()).dtype)
+    if not (_DECODER and _DECODER[0].model is model and _DECODER[0].key == key):
+        _DECODER.clear()  # frees the previous cache before the next is allocated
+        _DECODER.append(_StaticDecoder(model, rows, max_length, device))
+        _DECODER[0].key = key
+    return _DECODER[0]
+
+
 class _StaticDecoder:
     """Decoding with one shape throughout, for CUDA graphs.
 
-    Every batch has the same rows and prompt length (`_batches(fixed=True)`), one StaticCache
-    serves them all and finished rows are decoded on (their tokens after EOS are dropped), so the
-    decode step has a single shape: on GPUs it is compiled once with
-    `torch.compile(mode="reduce-overhead")`, which replays it as a CUDA graph without per-layer
-    Python and kernel launches (what bounds `_sample_batch` there). Same tokens as
-    `_sample_batch` up to floating-point noise.
+    Every batch has the same rows and prompt length (`_batches(fixed_length=)`), one StaticCache
+    serves them all (and later calls of that shape: `_static_decoder`), and finished rows are
+    decoded on (their tokens after EOS are dropped), so the decode step has a single shape: on
+    GPUs it is compiled once with `torch.compile(mode="reduce-overhead")`, which replays it as a
+    CUDA graph without per-layer Python and kernel launches (what bounds `_sample_batch` there).
+    Same tokens as `_sample_batch` up to floating-point noise.
     """
 
     def __init__(self, model, rows: int, max_length: int, device: torch.device):
