@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU figures, in one run: bench/collect.py on random-weight SmolLM2-135M and Qwen2.5-1.5B
-# configurations (bf16, 32 x 512 tokens); bench/eval.py --gpu (Qwen2.5-1.5B configuration, bf16,
-# 600 RTP challenging prompts x 25 samples) with the random weights as drawn and sharpened to
-# SmolLM2's top-1 probability, each with the dynamic and the fixed-shape decoder; and the collect
-# and comparison tests with every stage on CUDA.
+# configurations (bf16, 32 x 512 tokens; SmolLM2 also 128 x 512); bench/eval.py --gpu
+# (Qwen2.5-1.5B configuration, bf16, 600 RTP challenging prompts x 25 samples) with the random
+# weights as drawn and sharpened to SmolLM2's top-1 probability, each with the dynamic and the
+# fixed-shape decoder; and the collect and comparison tests with every stage on CUDA.
 # Each step runs even if one before it failed; results go to $OUT (default bench-gpu/).
 #
 #   LMPRUNE_DATA_DIR=../shared/data OUT=bench-gpu bash bench/gpu.sh
@@ -15,10 +15,13 @@ export PYTHONPATH=$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__,
 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-for config in smollm2-135m qwen2.5-1.5b; do
-    python3 bench/collect.py --config-name "$config" --device cuda --dtype bfloat16 \
-        --batch 32 --length 512 --repeats 32 | tee "$OUT/collect-$config.json"
-done
+# one JSON line each: both configurations at 32 x 512, and the small one at 128 x 512 (where a
+# layer's GPU work is large against the hooks' fixed Python cost)
+for run in "smollm2-135m 32" "qwen2.5-1.5b 32" "smollm2-135m 128"; do
+    set -- $run
+    python3 bench/collect.py --config-name "$1" --device cuda --dtype bfloat16 \
+        --batch "$2" --length 512 --repeats 32
+done | tee "$OUT/collect.jsonl"
 tokenizer=()
 [ -n "${TOKENIZER:-}" ] && tokenizer=(--tokenizer "$TOKENIZER")
 eval_gpu() { python3 bench/eval.py --gpu ${tokenizer[@]+"${tokenizer[@]}"} "$@"; }
