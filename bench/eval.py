@@ -197,7 +197,6 @@ def main() -> None:
     settings = dict(samples=args.samples, max_new_tokens=args.max_new_tokens, top_p=args.top_p,
                     temperature=args.temperature)
     per_call = max(1, rows // args.samples)
-    scale = None
     if args.sharpen_top1:
         scale = sharpen(model, tokenizer, prompts[:64], args.sharpen_top1, args.top_p)
         model_name += f", final norm x{scale:.2f}"

@@ -19,6 +19,7 @@ numbers. The on-disk format is docs/formats.md ("Collected statistics").
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -220,9 +221,10 @@ def gram_row_dtype(acts_dtype: torch.dtype, device) -> torch.dtype:
     return acts_dtype if half and _float32_products_of(acts_dtype, device) else torch.float32
 
 
+@functools.cache
 def _float32_products_of(dtype: torch.dtype, device) -> bool:
     """Whether this torch multiplies half-precision matrices into float32 (`out_dtype`, recent
-    versions only)."""
+    versions only); probed once per dtype and device."""
     one = torch.ones(1, 1, 1, dtype=dtype, device=device)
     try:
         return torch.bmm(one, one, out_dtype=torch.float32).dtype == torch.float32
@@ -1100,14 +1102,14 @@ class Collector:
             else:
                 info["pooled"] = {"mode": "histogram", "key": f"{name}.pooled_max_hist"}
             corpora[name] = info
+        rows = str(gram_row_dtype(self._dtype(), self.device)).replace("torch.", "")
         coactivation = {
             "tokens": int(coact["tokens"]),
             "sampling": f"each non-padding token with probability {cfg.coact_token_fraction}, "
                         f"drawn per document by lmprune.collect.coact_token_mask(seed={cfg.seed},"
                         f" corpus index (offensive 0, clean 1), document index, length): "
                         f"independent of batching, padding and processes; both corpora",
-            "products": f"rows centred by a per-neuron shift, kept in "
-                        f"{str(gram_row_dtype(self._dtype(), self.device))[6:]}, multiplied with "
+            "products": f"rows centred by a per-neuron shift, kept in {rows}, multiplied with "
                         f"float32 sums, added to float64 every few batches",
         }
         if cfg.top_k_global:

@@ -225,21 +225,31 @@ def sample_token_ids(model, tokenizer, prompts: list[str], samples: int,
     return results
 
 
+def _prefill(model, batch: _Batch, samples: int, device: torch.device):
+    """One forward pass over the batch's prompts (the last position's logits only).
+
+    Returns the prompts' DynamicCache [prompts, ...] and, repeated to k rows per prompt, the
+    next-token logits [rows, vocab], the attention mask [rows, length] and the next position
+    [rows, 1].
+    """
+    input_ids = batch.input_ids.to(device)
+    mask = batch.attention_mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                use_cache=True, logits_to_keep=1, **{_cache_keyword(model): cache})
+    return (cache, out.logits[:, -1].repeat_interleave(samples, dim=0),
+            mask.repeat_interleave(samples, dim=0),
+            positions[:, -1:].repeat_interleave(samples, dim=0) + 1)
+
+
 def _sample_batch(model, batch: _Batch, samples: int, max_new_tokens: int, top_p: float,
                   temperature: float, uniforms: torch.Tensor, eos: torch.Tensor,
                   device: torch.device) -> list[list[int]]:
     """Prefill the batch's prompts once, repeat the cache to k rows each, then decode."""
-    input_ids = batch.input_ids.to(device)
-    mask = batch.attention_mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
-    cache = DynamicCache(config=model.config)  # filled in place by every forward
+    cache, logits, mask, next_position = _prefill(model, batch, samples, device)
+    cache.batch_repeat_interleave(samples)  # filled in place by every forward from here
     cache_arg = {_cache_keyword(model): cache}
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                use_cache=True, logits_to_keep=1, **cache_arg)
-    cache.batch_repeat_interleave(samples)
-    logits = out.logits[:, -1].repeat_interleave(samples, dim=0)  # [rows, vocab]
-    mask = mask.repeat_interleave(samples, dim=0)  # [rows, length]
-    next_position = positions[:, -1:].repeat_interleave(samples, dim=0) + 1  # [rows, 1]
 
     num_rows = logits.shape[0]
     tokens = torch.zeros(num_rows, max_new_tokens, dtype=torch.long)  # [rows, steps], on CPU
@@ -313,28 +323,20 @@ class _StaticDecoder:
     def sample(self, batch: _Batch, samples: int, max_new_tokens: int, top_p: float,
                temperature: float, uniforms: torch.Tensor, eos: torch.Tensor) -> list[list[int]]:
         """As `_sample_batch`, for the prompts the batch lists."""
-        device = self.device
-        input_ids = batch.input_ids.to(device)
-        mask = batch.attention_mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        prefill = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         use_cache=True, logits_to_keep=1, **{_cache_keyword(self.model): prefill})
+        prefill, logits, mask, next_position = _prefill(self.model, batch, samples, self.device)
         self.cache.reset()
         for layer, cached in enumerate(prefill.layers):  # each prompt's prefix, k times
             self.cache.update(cached.keys.repeat_interleave(samples, 0),
                               cached.values.repeat_interleave(samples, 0), layer)
-        length = input_ids.shape[1]
+        length = mask.shape[1]
         self.mask.zero_()
-        self.mask[:, :length] = mask.repeat_interleave(samples, dim=0)
-        logits = out.logits[:, -1].repeat_interleave(samples, dim=0)  # [rows, vocab]
-        next_position = positions[:, -1:].repeat_interleave(samples, dim=0) + 1  # [rows, 1]
+        self.mask[:, :length] = mask
 
         rows = len(batch.prompt_indices) * samples  # the rest repeat the last prompt
         tokens = torch.zeros(rows, max_new_tokens, dtype=torch.long)  # [rows, steps], on CPU
         lengths = torch.full((rows,), max_new_tokens, dtype=torch.long)  # up to EOS
         running = torch.ones(rows, dtype=torch.bool)
-        uniforms = uniforms.to(device)
+        uniforms = uniforms.to(self.device)
         for step in range(max_new_tokens):
             new = top_p_sample(logits, uniforms[:, step], top_p, temperature)
             tokens[:, step] = new[:rows].cpu()
