@@ -42,7 +42,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
     for f in dataclasses.fields(cls):
         meta = dict(f.metadata)
         tp, is_list = _base_type(hints[f.name])
-        kwargs = {"help": meta.pop("help", ""), "default": argparse.SUPPRESS}
+        # argparse %-formats help text: a literal "95%" must reach it as "95%%"
+        kwargs = {"help": meta.pop("help", "").replace("%", "%%"), "default": argparse.SUPPRESS}
         if "choices" in meta:
             kwargs["choices"] = meta.pop("choices")
         if meta.pop("positional", False):

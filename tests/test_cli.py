@@ -7,7 +7,7 @@ import sys
 import pytest
 from tiny_models import tiny_config, tiny_model
 
-from lmprune.cli import main
+from lmprune.cli import build_parser, main
 from lmprune.models import save_model
 
 
@@ -85,3 +85,17 @@ def test_info_on_the_bundled_model(smollm2, capsys):
     assert (info["model_type"], info["num_layers"], info["total_neurons"]) == ("llama", 30, 46080)
     assert info["parameters"] == 134_515_008
     assert info["hook_points"][0] == "model.layers.0.mlp.down_proj"
+
+
+def _subcommands() -> list[str]:
+    commands = next(a for a in build_parser()._actions if a.dest == "command")
+    return sorted(commands.choices)
+
+
+@pytest.mark.parametrize("command", _subcommands())
+def test_every_help_page_renders(command, capsys):
+    # argparse %-formats help text: one stray "%" in a field's help breaks the whole page
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: lmprune {command}" in capsys.readouterr().out

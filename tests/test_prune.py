@@ -321,11 +321,3 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     code = main(["prune", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "o")])
     assert code == 2
     assert "needs --modules" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("stage", ["prune", "finetune"])
-def test_help_pages_render(stage, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main([stage, "--help"])
-    assert exit_info.value.code == 0
-    assert "--model" in capsys.readouterr().out
