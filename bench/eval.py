@@ -6,12 +6,12 @@ both). New tokens are counted up to (not including) EOS for both.
 
     python bench/eval.py                      # CPU: bundled SmolLM2, 50 prompts x 25 samples
     python bench/eval.py --prompts 8 --samples 5
-    python bench/eval.py --gpu                # random-weight Qwen2.5-1.5B config, bf16, 600 x 25
+    python bench/eval.py --gpu                # random-weight Qwen2.5-1.5B config, bf16, 598 x 25
     python bench/eval.py --gpu --sharpen-top1 0.28 --score-texts 0
 
 Random weights give a nearly uniform next-token distribution (top-1 probability ~2e-4 over 152K
 tokens: the nucleus is most of the vocabulary), which no trained model has; SmolLM2's mean top-1
-probability after these prompts is 0.28 (median nucleus 210 tokens). `--sharpen-top1 P` scales the
+probability after these prompts is 0.28 (median nucleus 191 tokens). `--sharpen-top1 P` scales the
 random model's final norm so that its mean top-1 probability after the first prompts is P. HF's
 sampler costs the same either way (it sorts the vocabulary every step); lmprune's depends on the
 nucleus, so both figures are worth reporting. Each run states the top-1 probability and nucleus
@@ -162,7 +162,7 @@ def score_speeds(texts: list[str], device: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="Qwen2.5-1.5B config on CUDA, bf16.")
-    parser.add_argument("--prompts", type=int, default=None, help="Prompts (50 CPU, 600 GPU).")
+    parser.add_argument("--prompts", type=int, default=None, help="Prompts (50 CPU, 598 GPU: all).")
     parser.add_argument("--samples", type=int, default=25)
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--top-p", type=float, default=0.9)

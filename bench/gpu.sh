@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures, in one run: bench/collect.py on random-weight SmolLM2-135M and Qwen2.5-1.5B
 # configurations (bf16, 32 x 512 tokens; SmolLM2 also 128 x 512); bench/eval.py --gpu
-# (Qwen2.5-1.5B configuration, bf16, 600 RTP challenging prompts x 25 samples) with the random
+# (Qwen2.5-1.5B configuration, bf16, 598 RTP challenging prompts x 25 samples) with the random
 # weights as drawn and sharpened to SmolLM2's top-1 probability, with the dynamic decoder (eval)
 # and the fixed-shape one (static: compiled, so a few minutes more); and the collect and comparison
 # tests with every stage on CUDA. Name the parts to run (default all); each runs even if one

@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="Show tracebacks on errors.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    info = sub.add_parser("info", help="Architecture, layers, neurons and hook points of a model.")
+    info_help = "Architecture, layers, neurons and hook points of a model."
+    info = sub.add_parser("info", help=info_help, description=info_help)
     info.add_argument("model", metavar="MODEL",
                       help="Hub id, local folder, .gguf file or bundled alias (smollm2-135m, "
                            "gemma3-270m).")

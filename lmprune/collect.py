@@ -75,7 +75,7 @@ class CollectConfig:
     top_k_global: int = option(4096, "Neurons (top |effect size| across layers) of the global "
                                "cross-layer Gram matrix; 0 disables it.")
     global_max_docs: int | None = option(256, "Documents per corpus (seeded choice) of the second "
-                                         "pass that feeds the global Gram; omit for all.")
+                                         "pass that feeds the global Gram; null (in YAML) for all.")
     seed: int = option(0, "Seed of the token subsample and the second-pass documents.")
     fire_threshold: str = option("auto", "zero (activation > 0), relative:F (|activation| > F x "
                                  "the neuron's max |activation| on the first batch) or auto "

@@ -413,6 +413,6 @@ def register(subparsers) -> None:
     parser.add_argument("recipe", metavar="RECIPE", help="Comparison YAML (see recipes/).")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="Override a value, e.g. eval.samples=25 or "
-                             "modules.budget-2pct.select=budget:2%% (read as YAML).")
+                             "modules.modules-1pct.select=budget:2%% (read as YAML).")
     parser.add_argument("--out", default=None, help="Output folder (overrides the recipe's).")
     parser.set_defaults(func=cmd_compare)

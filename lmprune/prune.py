@@ -453,7 +453,7 @@ class PruneConfig:
     mode: str = option("modules", "What to prune: the selected modules, the top single neurons "
                        "by AUROC, AURA dampening, or a random control.", choices=MODES)
     modules: str | None = option(None, "Module map (modules.json from `lmprune locate`).")
-    select: str | None = option(None, "Which modules: top:N, budget:P%% (of all neurons), "
+    select: str | None = option(None, "Which modules: top:N, budget:P% (of all neurons), "
                                 "budget:N, ids:3,7,9, or target:X (loss gap; needs "
                                 "--offensive/--clean).")
     rank_by: str = option("causal", "Module score (key of `scores`) that ranks the modules.")
