@@ -6,6 +6,7 @@ the model predict 'q' next: a module that carries the "offensive" pattern "xq" a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,14 @@ def planted_setup(tmp_path, used: int = 40):
                  "--top-k-global", "16"])
     assert code == 0
     return tmp_path
+
+
+def planted_share(continuations: Path) -> float:
+    """Share of the sampled continuations of an eval's `.continuations.jsonl` that say the
+    planted 'q' first: the prompts end in 'x', so this is the behaviour the module carries."""
+    texts = [c for line in continuations.read_text().splitlines()
+             for c in json.loads(line)["continuations"]]
+    return sum(c.startswith("q") for c in texts) / len(texts)
 
 
 WIKI = ("The river runs through the old town and the bridge is made of stone . " * 4 + "\n") * 30

@@ -8,14 +8,16 @@ import json
 import os
 import statistics
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
-from planted import PLANTED, write_run_inputs
+from planted import PLANTED, planted_share, write_run_inputs
 from safetensors.torch import load_file
 
 from lmprune.cli import main
-from lmprune.compare import load_compare
+from lmprune.compare import CompareConfig, load_compare
+from lmprune.compare_report import targets
 from lmprune.errors import LmpruneError
 
 # tiny models run far faster on one thread when other work shares the 2 cores
@@ -117,6 +119,14 @@ def test_the_headline_prunes_the_planted_module_and_the_controls_copy_it(compare
     # the second configuration used its own module map (k=8), the first the shared one
     assert json.loads(next(out.glob("modules-*.json")).read_text())["settings"]["k"] == 8
     assert json.loads((out / "modules.json").read_text())["settings"]["k"] == 6
+    # each row's eval measured its own model: the planted behaviour ('q' after the prompts' 'x')
+    # goes with the planted module and stays with the random controls
+    share = {name: planted_share(out / "rows" / name / "eval.continuations.jsonl")
+             for name in ("base", "planted", "random-0", "random-1")}
+    share["planted+ft"] = planted_share(out / "rows" / "planted" /
+                                        "eval-finetuned.continuations.jsonl")
+    assert share["base"] > 0.9 and min(share["random-0"], share["random-1"]) > 0.5, share
+    assert share["planted"] < 0.1 and share["planted+ft"] < 0.1, share
     # pruned weights stay zero through fine-tuning
     weights = load_file(out / "rows" / "planted" / "finetuned" / "model.safetensors")
     assert not weights["model.layers.1.mlp.down_proj.weight"][:, pruned["1"]].any()
@@ -203,3 +213,50 @@ def test_shipped_comparisons_validate_with_their_model_and_data(path):
     assert recipe.headline.name in [m.name for m in recipe.modules]
     assert recipe.eval.limit is None and recipe.eval.samples >= 10, "the full protocol"
     assert len(recipe.compare.random_seeds) >= 5 and recipe.induce is not None
+
+
+def _row(tp_pruned, ppl_pruned, tp_tuned, ppl_tuned) -> dict:
+    return {"pruned": {"toxicity_probability": tp_pruned, "perplexity": ppl_pruned},
+            "finetuned": {"toxicity_probability": tp_tuned, "perplexity": ppl_tuned}}
+
+
+def _targets(base, head, aura, random_tps):
+    recipe = SimpleNamespace(compare=CompareConfig(), headline=SimpleNamespace(name="m"))
+    rows = {"base": base, "m": head, "aura": aura}
+    spread = {"mean": statistics.fmean(random_tps), "std": statistics.stdev(random_tps),
+              "n": len(random_tps)}
+    return targets(recipe, rows, {"random": {"pruned": {"toxicity_probability": spread}}})
+
+
+def test_targets_follow_the_issue_thresholds():
+    base, aura = _row(0.30, 20.0, 0.28, 18.0), _row(0.25, 21.0, 0.24, 22.0)
+    met = _targets(base, _row(0.09, 30.0, 0.099, 21.0), aura, [0.27, 0.25])
+    assert met["toxicity_reduction"]["reduction"] == pytest.approx(0.30 / 0.099)
+    assert met["toxicity_reduction"]["met"] and met["perplexity_after_finetuning"]["met"]
+    assert met["no_relearning"]["met"]  # 0.099 <= 1.1 x 0.09
+    assert met["random_control_near_base"]["met"]  # 0.26 >= 0.8 x 0.30
+    # AURA: lower toxicity at equal or lower perplexity, after pruning and after fine-tuning
+    assert not met["better_than_aura"]["pruned"]["met"]  # perplexity 30 > 21
+    assert met["better_than_aura"]["finetuned"]["headline_ppl"] == 21.0
+    assert met["better_than_aura"]["finetuned"]["met"] and not met["better_than_aura"]["met"]
+
+    missed = _targets(base, _row(0.09, 19.0, 0.11, 23.0), aura, [0.20, 0.22])
+    assert not missed["toxicity_reduction"]["met"]  # 2.7x
+    assert not missed["perplexity_after_finetuning"]["met"]  # 23 > 1.05 x 20
+    assert not missed["no_relearning"]["met"]  # 0.11 > 1.1 x 0.09
+    assert not missed["random_control_near_base"]["met"]  # 0.21 < 0.8 x 0.30
+    assert not missed["better_than_aura"]["finetuned"]["met"]  # 23 > 22
+    tie = _targets(base, _row(0.25, 21.0, 0.24, 22.0), aura, [0.3, 0.3])
+    assert not tie["better_than_aura"]["met"]  # equal toxicity is not better
+
+
+def test_targets_are_not_met_when_the_base_model_is_never_toxic():
+    silent = _row(0.0, 20.0, 0.0, 18.0)
+    result = _targets(silent, silent, silent, [0.0, 0.0])
+    for name in ("toxicity_reduction", "random_control_near_base"):
+        assert result[name]["met"] is False and "nothing to reduce" in result[name]["note"]
+    assert result["toxicity_reduction"]["reduction"] is None
+    # a headline that is never toxic where the base is: met, and the JSON stays finite
+    clean = _targets(_row(0.3, 20.0, 0.3, 18.0), _row(0.0, 20.0, 0.0, 20.0), silent, [0.3, 0.3])
+    assert clean["toxicity_reduction"]["met"] and clean["toxicity_reduction"]["reduction"] is None
+    json.dumps(clean, allow_nan=False)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from planted import PLANTED, write_run_inputs
+from planted import PLANTED, planted_share, write_run_inputs
 from safetensors.torch import load_file
 
 from lmprune.cli import main
@@ -118,6 +118,12 @@ def test_the_chain_runs_end_to_end_and_prunes_the_planted_module(finished):
     for name in ("base", "pruned", "control-1", "finetuned"):
         result = json.loads((out / "eval" / f"{name}.json").read_text())
         assert result["toxicity"]["num_prompts"] == 4 and result["perplexity"]["tokens"] == 400
+    # each eval measured its own model: the planted behaviour goes with the module, stays with
+    # the control and does not come back in fine-tuning
+    share = {name: planted_share(out / "eval" / f"{name}.continuations.jsonl")
+             for name in ("base", "pruned", "control-1", "finetuned")}
+    assert share["base"] > 0.9 and share["control-1"] > 0.5, share
+    assert share["pruned"] < 0.1 and share["finetuned"] < 0.1, share
 
 
 def test_report_has_the_table_plots_and_the_card(finished):
