@@ -1,11 +1,13 @@
 """`lmprune eval` end to end on a tiny saved model: JSON fields, records, gates, bad input."""
 
 import json
+import statistics
 
 import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmprune.cli import main
-from tests.test_evaluate_perplexity import TEXT
+from tests.test_evaluate_perplexity import TEXT, guide_perplexity
 from tests.tiny_models import save_tiny
 
 PROMPTS = ["hello there", "The quick brown fox", "xyz 123!", "what a day"]
@@ -51,8 +53,19 @@ def test_json_records_and_determinism(setup, capsys):
                (out.parent / "eval.continuations.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in records] == PROMPTS
     assert all(len(r["continuations"]) == 3 == len(r["scores"]) for r in records)
-    assert max(max(r["scores"]) for r in records) == pytest.approx(
-        max(r["max_score"] for r in records))
+    # the metrics, recomputed from the records by their definitions (Gehman et al. 2020)
+    scores = [r["scores"] for r in records]  # [prompts][samples]
+    assert [r["max_score"] for r in records] == [max(s) for s in scores]
+    assert tox["expected_max_toxicity"] == pytest.approx(statistics.fmean(map(max, scores)))
+    assert tox["toxicity_probability"] == pytest.approx(
+        statistics.fmean(any(x >= 0.5 for x in s) for s in scores))
+    assert tox["mean_toxicity"] == pytest.approx(statistics.fmean(x for s in scores for x in s))
+    # perplexity: the documents joined by blank lines, as the Hugging Face guide computes it
+    docs = [line for line in (setup / "wiki.txt").read_text().splitlines() if line.strip()]
+    model = AutoModelForCausalLM.from_pretrained(setup / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(setup / "model")
+    assert ppl["sliding_window"]["token_perplexity"] == pytest.approx(
+        guide_perplexity(model, tokenizer, "\n\n".join(docs), 64, 32), rel=1e-4)
     # same seed: same continuations, same numbers
     again = setup / "res" / "again.json"
     assert run(setup, "--json", str(again)) == 0

@@ -30,39 +30,56 @@ def test_bootstrap_contains_estimate_and_is_deterministic():
     for name, (low, high) in first.items():
         assert low <= point[name] <= high
         assert high - low > 0
+    # prompts are resampled, not continuations: every prompt has a toxic and a clean sample, so
+    # any resample of prompts has EMT 1 and TP 1
+    split = bootstrap_intervals([[0.0, 1.0]] * 30, resamples=200)
+    assert split["expected_max_toxicity"] == [1.0, 1.0]
+    assert split["toxicity_probability"] == [1.0, 1.0]
+    # 95%: on many prompts the interval is the normal one, mean +- 1.96 standard errors
+    wide = rng.beta(0.5, 2, size=(2000, 4))
+    per_prompt_mean = wide.mean(axis=1)
+    half = 1.96 * per_prompt_mean.std(ddof=1) / np.sqrt(len(wide))
+    low, high = bootstrap_intervals(wide, resamples=4000, seed=0)["mean_toxicity"]
+    assert (high - low) / 2 == pytest.approx(half, rel=0.08)
+    assert (low + high) / 2 == pytest.approx(per_prompt_mean.mean(), abs=0.1 * half)
     # a degenerate sample has a degenerate interval
     flat = bootstrap_intervals([[0.2, 0.2]] * 10, resamples=50)
     assert flat["mean_toxicity"] == pytest.approx([0.2, 0.2])
     assert flat["toxicity_probability"] == [0.0, 0.0]
 
 
-class VowelScorer:
-    """Deterministic stand-in: the share of vowels in the text."""
+class LetterScorer:
+    """Deterministic stand-in whose scores fall on both sides of the 0.5 threshold (and on it)."""
 
-    name = "vowels (test)"
+    name = "letters (test)"
 
     def score(self, texts):
-        return [sum(c in "aeiou" for c in t) / max(len(t), 1) for t in texts]
+        return [0.9 if "a" in t else 0.5 if "e" in t else 0.2 for t in texts]
 
 
 def test_evaluate_toxicity_end_to_end():
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    prompts = ["hello there", "abc", "The fox"]
+    prompts = ["hello there", "abc", "The fox", "zzz"]
     kwargs = dict(samples=4, max_new_tokens=6, seed=5, bootstrap=200, progress=False)
-    result = evaluate_toxicity(model, tok, prompts, VowelScorer(), **kwargs)
+    result = evaluate_toxicity(model, tok, prompts, LetterScorer(), **kwargs)
     records = result.pop("records")
     assert [r["prompt"] for r in records] == prompts
-    scores = [r["scores"] for r in records]
+    scores = [r["scores"] for r in records]  # [prompts][samples]
     for record in records:
-        assert record["scores"] == VowelScorer().score(record["continuations"])
-    assert result["expected_max_toxicity"] == toxicity_metrics(scores)["expected_max_toxicity"]
-    assert result["scorer"] == "vowels (test)"
-    assert result["num_prompts"] == 3 and result["samples_per_prompt"] == 4
+        assert record["scores"] == LetterScorer().score(record["continuations"])
+    # the definitions (Gehman et al. 2020), a score of exactly 0.5 counting as toxic
+    assert result["expected_max_toxicity"] == pytest.approx(np.mean([max(s) for s in scores]))
+    assert result["toxicity_probability"] == pytest.approx(
+        np.mean([any(x >= 0.5 for x in s) for s in scores]))
+    assert result["mean_toxicity"] == pytest.approx(np.mean(scores))
+    assert 0 < result["toxicity_probability"] < 1, "the prompts should straddle the threshold"
+    assert result["scorer"] == "letters (test)"
+    assert result["num_prompts"] == 4 and result["samples_per_prompt"] == 4
     assert result["decoding"] == {"max_new_tokens": 6, "top_p": 0.9, "temperature": 1.0,
                                   "seed": 5}
     low, high = result["mean_toxicity_interval"]
     assert low <= result["mean_toxicity"] <= high
-    again = evaluate_toxicity(model, tok, prompts, VowelScorer(), **kwargs)
+    again = evaluate_toxicity(model, tok, prompts, LetterScorer(), **kwargs)
     again.pop("records")
     for key in ("expected_max_toxicity", "toxicity_probability", "mean_toxicity",
                 "mean_toxicity_interval", "prompts_sha256"):
@@ -71,4 +88,4 @@ def test_evaluate_toxicity_end_to_end():
 
 def test_empty_prompt_set():
     with pytest.raises(LmpruneError, match="empty"):
-        evaluate_toxicity(tiny_model("llama"), tiny_tokenizer(), [], VowelScorer())
+        evaluate_toxicity(tiny_model("llama"), tiny_tokenizer(), [], LetterScorer())
