@@ -5,6 +5,7 @@ evaluator measured on the base, the pruned start and every N steps."""
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,6 +113,23 @@ def test_train_step_masks_gradients_moments_and_weights():
         state = optimizer.state[model.get_parameter(name)]
         assert not state["exp_avg"][pruned].any() and not state["exp_avg_sq"][pruned].any()
         assert state["exp_avg"][~pruned].abs().sum() > 0
+
+
+def test_masks_listed_in_the_checkpoint_are_applied_before_training(setup, tmp_path):
+    """A checkpoint whose lmprune.json lists neurons that its weights still carry (edited by hand,
+    or pruned by another tool): fine-tuning zeroes them first and holds them, mid-run too."""
+    listed = tmp_path / "listed"
+    shutil.copytree(setup / "base", listed)
+    meta = json.loads((setup / "pruned" / "lmprune.json").read_text())
+    (listed / "lmprune.json").write_text(json.dumps(meta))
+    start = AutoModelForCausalLM.from_pretrained(listed)
+    assert PruneMask(start, PRUNED).nonzero_count(start) > 0
+    out = finetune(_config(setup, tmp_path / "out", model=str(listed), checkpoint_every=2,
+                           max_steps=4))
+    tuned = AutoModelForCausalLM.from_pretrained(out)
+    assert PruneMask.from_checkpoint(tuned, out).nonzero_count(tuned) == 0
+    assert json.loads((out / "lmprune.json").read_text())["pruned_neurons"] == \
+        meta["pruned_neurons"]
 
 
 def test_masks_hold_exactly_and_the_rest_trains(setup, tmp_path):

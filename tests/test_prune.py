@@ -257,6 +257,26 @@ def test_saved_checkpoint_reloads_with_identical_logits(tmp_path, model_type):
     assert any(reloaded.get_parameter(n)[~m].abs().sum() > 0 for n, m in masks.items())
 
 
+def test_pruning_a_pruned_checkpoint_keeps_the_earlier_neurons(tmp_path):
+    loaded = _loaded(tmp_path, "llama")
+    mmap = str(_write_map(tmp_path / "modules.json", model_type="llama"))
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["prune", "--model", str(tmp_path / "base"), "--modules", mmap,
+                 "--select", "ids:0", "--out", str(first)]) == 0
+    assert main(["prune", "--model", str(first), "--modules", mmap,
+                 "--select", "ids:3", "--out", str(second)]) == 0
+    union = _union([MODULES[0], MODULES[3]])  # layer 0: 1, 2, 3, 20, 21
+    meta = json.loads((second / "lmprune.json").read_text())
+    assert meta["pruned_neurons"] == {str(k): v for k, v in union.items()}
+    assert meta["num_pruned"] == 5
+    assert [h["stage"] for h in meta["history"]] == ["prune", "prune"]
+    reference = copy.deepcopy(loaded.model)
+    zero_neurons(reference, union)
+    reloaded = AutoModelForCausalLM.from_pretrained(second).eval()
+    ids = random_batch()
+    torch.testing.assert_close(reloaded(ids).logits, reference(ids).logits, rtol=0, atol=0)
+
+
 def test_mask_zeroes_gradients_and_weights_of_pruned_slices_only():
     model = tiny_model("phi3")  # fused gate_up: two slices of one parameter per neuron
     mask = PruneMask(model, {0: [3, 5], 1: [0]})
