@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from planted import PLANTED, planted_share, write_run_inputs
 from safetensors.torch import load_file
@@ -181,8 +182,9 @@ def _env(**extra):
             "OMP_NUM_THREADS": "1", **extra}
 
 
-def test_killed_run_completes_when_run_again(inputs, tmp_path):
-    """SIGKILL inside collect (its test hook), then during fine-tuning; each rerun goes on."""
+def test_killed_run_completes_when_run_again(inputs, tmp_path, finished):
+    """SIGKILL inside collect (its test hook), then during fine-tuning; each rerun goes on, and
+    the resumed statistics are those of the run that was never interrupted."""
     out = tmp_path / "run"
     values = recipe_values(inputs, out)
     values["finetune"]["max_steps"] = 40
@@ -215,6 +217,14 @@ def test_killed_run_completes_when_run_again(inputs, tmp_path):
     history = json.loads((out / "finetuned" / "lmprune.json").read_text())["history"]
     assert history[-1]["resumed_from"] >= 2
     assert (out / "report.md").is_file()
+    _, whole, _ = finished
+    files = sorted(p.name for p in (whole / "stats").glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in (out / "stats").glob("*.safetensors"))
+    for name in files:
+        resumed, reference = load_file(out / "stats" / name), load_file(whole / "stats" / name)
+        assert resumed.keys() == reference.keys()
+        for key, value in reference.items():
+            torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=f"{name}:{key}")
 
 
 @pytest.mark.parametrize("edit, message", [
