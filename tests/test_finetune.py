@@ -157,6 +157,31 @@ def test_masks_hold_with_two_processes(setup, tmp_path):
     assert history[-1]["num_processes"] == 2
 
 
+def test_two_processes_and_accumulation_take_the_same_steps_as_one_batch(setup, tmp_path):
+    """Batch 4 in one process, 2 x 2 accumulated, and 2 processes x 2 see the same blocks per
+    step and average the same gradients: the weights agree (LLaMA: no dropout to differ)."""
+    save_tiny("llama", tmp_path / "llama")
+    common = ["--model", str(tmp_path / "llama"), "--data", str(setup / "train.txt"),
+              "--max-steps", "3", "--seq-len", "32", "--lr", "3e-3", "--device", "cpu"]
+    one = finetune(_config(setup, tmp_path / "one", model=str(tmp_path / "llama"), max_steps=3,
+                           batch_size=4, weight_decay=0.0, warmup_steps=0))
+    accumulated = finetune(_config(setup, tmp_path / "acc", model=str(tmp_path / "llama"),
+                                   max_steps=3, batch_size=2, grad_accum=2, weight_decay=0.0,
+                                   warmup_steps=0))
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "lmprune.cli", "finetune",
+           *common, "--out", str(tmp_path / "two"), "--batch-size", "2", "--weight-decay", "0",
+           "--warmup-steps", "0"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    start = load_file(tmp_path / "llama" / "model.safetensors")
+    reference = load_file(one / "model.safetensors")
+    assert any(not torch.equal(start[k], v) for k, v in reference.items()), "nothing trained"
+    for other in (accumulated, tmp_path / "two"):
+        weights = load_file(other / "model.safetensors")
+        for name, value in reference.items():
+            torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def _deterministic_evaluator(model, tokenizer, step):
     """Stands in for toxicity/perplexity: losses on fixed texts (deterministic)."""
     return {"offensive_loss": mean_token_nll(model, tokenizer, OFFENSIVE),
