@@ -1113,13 +1113,15 @@ class Collector:
                         f"float32 sums, added to float64 every few batches",
         }
         if cfg.top_k_global:
-            docs = [len(self._global_docs(c)) for c in range(len(CORPORA))]
+            chosen = [self._global_docs(c) for c in range(len(CORPORA))]
+            docs = [len(c) for c in chosen]
             coactivation["global"] = {
                 "k": int(coact["global.index"].shape[0]), "tokens": int(coact["global.tokens"]),
                 "candidates": "top-K |effect_size| over all layers (ties: lower index first)",
                 "sampling": f"second pass over {docs[0]} offensive and {docs[1]} clean documents "
                             f"(seeded choice, seed {cfg.seed}; all if the corpus is smaller), "
                             f"every non-padding token",
+                "documents": dict(zip(CORPORA, chosen, strict=True)),
             }
         return {
             "format": "lmprune.stats", "format_version": FORMAT_VERSION,

@@ -181,6 +181,27 @@ def test_every_statistic_matches_a_reference_from_stored_activations(work, tmp_p
     _close(coact["global.gram"], cols.T @ cols)
 
 
+def test_document_limits_and_the_global_subsample(work, tmp_path):
+    """--max-docs reads the first documents; --global-max-docs feeds the cross-layer Gram from a
+    seeded subset of those, named in the manifest."""
+    root, corpora, models = work
+    got = _collect(work, tmp_path / "out", "llama", "--max-docs", "10", "--global-max-docs", "5")
+    stats, coact = got["stats"], got["coact"]
+    acts = {c: _activations(models["llama"], corpora[c])[:10] for c in corpora}
+    chosen = got["manifest"]["coactivation"]["global"]["documents"]
+    for c, docs in acts.items():
+        tokens = np.concatenate(docs, axis=1)  # [L, n, W]
+        assert stats[f"{c}.documents"] == 10 and stats[f"{c}.tokens"] == tokens.shape[1]
+        _close(stats[f"{c}.mean"], tokens.mean(1))
+        assert len(set(chosen[c])) == 5 and set(chosen[c]) <= set(range(10))
+    index = coact["global.index"]
+    every = np.concatenate([acts[c][i] for c in acts for i in chosen[c]], axis=1)  # [L, n, W]
+    cols = every[index[:, 0], :, index[:, 1]].T  # [n, K]
+    assert coact["global.tokens"] == cols.shape[0]
+    _close(coact["global.sum"], cols.sum(0))
+    _close(coact["global.gram"], cols.T @ cols)
+
+
 def test_left_and_right_padding_give_the_same_result(work, tmp_path):
     right = _collect(work, tmp_path / "r", "llama", "--padding-side", "right")
     left = _collect(work, tmp_path / "l", "llama", "--padding-side", "left")
