@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -188,8 +189,16 @@ def _deterministic_evaluator(model, tokenizer, step):
             "perplexity": math.exp(mean_token_nll(model, tokenizer, CLEAN))}
 
 
-def test_relearning_curve_has_base_start_and_every_n_steps(setup, tmp_path):
-    out = finetune(_config(setup, tmp_path / "curve", max_steps=5, eval_every=2),
+def test_relearning_curve_has_base_start_and_every_n_steps(setup, tmp_path, monkeypatch):
+    step_losses = []  # each optimizer step's mean micro-batch loss
+
+    def recording_step(*args):
+        total = train_step(*args)
+        step_losses.append(total / len(args[4]))
+        return total
+
+    monkeypatch.setattr("lmprune.finetune.train_step", recording_step)
+    out = finetune(_config(setup, tmp_path / "curve", max_steps=5, eval_every=2, grad_accum=2),
                    _deterministic_evaluator)
     curve = json.loads((out / "relearning.json").read_text())
     assert [p["step"] for p in curve["points"]] == [0, 2, 4, 5]
@@ -203,7 +212,9 @@ def test_relearning_curve_has_base_start_and_every_n_steps(setup, tmp_path):
                       (curve["points"][0]["metrics"], measured(setup / "pruned")),
                       (curve["points"][-1]["metrics"], measured(out))]:
         assert got == pytest.approx(want, rel=1e-5)
-    assert all(p["train_loss"] > 0 for p in curve["points"][1:])
+    # each point's training loss: the mean over the steps since the previous point
+    for point, steps in zip(curve["points"][1:], ([0, 1], [2, 3], [4]), strict=True):
+        assert point["train_loss"] == pytest.approx(statistics.fmean(step_losses[i] for i in steps))
     assert (out / "relearning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
