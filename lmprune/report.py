@@ -202,7 +202,8 @@ def _records(eval_json: Path, ev: dict) -> list[dict]:
     path = eval_json.with_name(name) if name else None
     if path is None or not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    # JSON lines end at "\n" only: model output may hold U+2028 or U+0085, which splitlines() cuts
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
 
 
 def examples_section(models: list[tuple[str, Path, dict]], count: int) -> list[str]:

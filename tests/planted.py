@@ -77,7 +77,7 @@ def planted_setup(tmp_path, used: int = 40):
 def planted_share(continuations: Path) -> float:
     """Share of the sampled continuations of an eval's `.continuations.jsonl` that say the
     planted 'q' first: the prompts end in 'x', so this is the behaviour the module carries."""
-    texts = [c for line in continuations.read_text().splitlines()
+    texts = [c for line in continuations.read_text().split("\n") if line
              for c in json.loads(line)["continuations"]]
     return sum(c.startswith("q") for c in texts) / len(texts)
 
