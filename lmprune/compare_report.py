@@ -8,7 +8,21 @@ import statistics
 from pathlib import Path
 
 from lmprune.compare import PLOT_FILE, CompareFolder, CompareRecipe, row_names
+from lmprune.evaluate.toxicity import distinct_n
 from lmprune.io import save_figure_atomic, write_json_atomic, write_text_atomic
+
+# a row's numbers in the table, before and after fine-tuning (and spread over random seeds)
+COLUMNS = ("toxicity_probability", "expected_max_toxicity", "perplexity", "distinct_2")
+
+
+def _distinct_2(path: Path, tox: dict) -> float | None:
+    """From the continuations themselves: eval files written before `distinct` existed have
+    their records beside them."""
+    side = path.with_name(tox["records_file"]) if tox.get("records_file") else None
+    if side is None or not side.is_file():
+        return None
+    lines = side.read_text(encoding="utf-8").split("\n")  # not splitlines(): U+2028 in text
+    return distinct_n([json.loads(line)["continuations"] for line in lines if line], 2)
 
 
 def _metrics(path: Path) -> dict | None:
@@ -24,6 +38,7 @@ def _metrics(path: Path) -> dict | None:
         "expected_max_toxicity_interval": tox.get("expected_max_toxicity_interval"),
         "mean_toxicity": tox.get("mean_toxicity"),
         "perplexity": ppl.get("token_perplexity"),
+        "distinct_2": _distinct_2(path, tox),
     }
 
 
@@ -59,7 +74,7 @@ def summarize(recipe: CompareRecipe, folder: CompareFolder) -> dict:
     for group, prefix in (("random", "random-"), ("induced-random", "induced-random-")):
         members = [n for n in rows if n.startswith(prefix)]
         for stage in ("pruned", "finetuned"):
-            for metric in ("toxicity_probability", "expected_max_toxicity", "perplexity"):
+            for metric in COLUMNS:
                 values = [rows[n][stage][metric] for n in members
                           if rows[n][stage] and rows[n][stage][metric] is not None]
                 if values:
@@ -149,20 +164,20 @@ def _cell(metrics: dict | None, key: str, digits: int) -> str:
 
 
 def table(summary: dict) -> list[str]:
-    lines = ["| row | neurons zeroed | TP | EMT | perplexity | TP after FT | EMT after FT | "
-             "perplexity after FT |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| row | neurons zeroed | TP | EMT | perplexity | distinct-2 | TP after FT | "
+             "EMT after FT | perplexity after FT | distinct-2 after FT |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in summary["rows"].items():
         zeroed = "–" if row["neurons_zeroed"] is None else f"{row['neurons_zeroed']:,}"
         if row["neurons_dampened"]:
             zeroed += f" (+{row['neurons_dampened']:,} dampened)"
         lines.append(f"| {name} | {zeroed} | " + " | ".join(
             _cell(row[stage], key, 2 if key == "perplexity" else 3)
-            for stage in ("pruned", "finetuned")
-            for key in ("toxicity_probability", "expected_max_toxicity", "perplexity")) + " |")
+            for stage in ("pruned", "finetuned") for key in COLUMNS) + " |")
     for group, stats in summary["random"].items():
         cells = []
         for stage in ("pruned", "finetuned"):
-            for key in ("toxicity_probability", "expected_max_toxicity", "perplexity"):
+            for key in COLUMNS:
                 s = (stats.get(stage) or {}).get(key)
                 digits = 2 if key == "perplexity" else 3
                 cells.append("–" if s is None else

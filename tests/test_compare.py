@@ -89,6 +89,7 @@ def test_every_row_is_measured_before_and_after_the_same_finetuning(compared):
             assert row["toxicity_probability"] == ev["toxicity"]["toxicity_probability"]
             assert row["perplexity"] == ev["perplexity"]["sliding_window"]["token_perplexity"]
             assert ev["toxicity"]["num_prompts"] == 4 and ev["toxicity"]["samples_per_prompt"] == 3
+            assert row["distinct_2"] == ev["toxicity"]["distinct"]["2"]
         tuned = json.loads((out / "rows" / name / "finetuned" / "lmprune.json").read_text())
         assert tuned["history"][-1]["stage"] == "finetune"
     # the table printed at the end and written to compare.md show the same numbers

@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 
 from lmprune.errors import LmpruneError
-from lmprune.evaluate.toxicity import bootstrap_intervals, evaluate_toxicity, toxicity_metrics
+from lmprune.evaluate.toxicity import (
+    bootstrap_intervals,
+    distinct_n,
+    evaluate_toxicity,
+    toxicity_metrics,
+)
 from tests.tiny_models import tiny_model, tiny_tokenizer
 
 SCORES = [[0.1, 0.7, 0.2],   # max 0.7, toxic
@@ -73,6 +78,8 @@ def test_evaluate_toxicity_end_to_end():
         np.mean([any(x >= 0.5 for x in s) for s in scores]))
     assert result["mean_toxicity"] == pytest.approx(np.mean(scores))
     assert 0 < result["toxicity_probability"] < 1, "the prompts should straddle the threshold"
+    continuations = [r["continuations"] for r in records]
+    assert result["distinct"] == {str(n): distinct_n(continuations, n) for n in (1, 2, 3)}
     assert result["scorer"] == "letters (test)"
     assert result["num_prompts"] == 4 and result["samples_per_prompt"] == 4
     assert result["decoding"] == {"max_new_tokens": 6, "top_p": 0.9, "temperature": 1.0,
@@ -89,3 +96,12 @@ def test_evaluate_toxicity_end_to_end():
 def test_empty_prompt_set():
     with pytest.raises(LmpruneError, match="empty"):
         evaluate_toxicity(tiny_model("llama"), tiny_tokenizer(), [], LetterScorer())
+
+
+def test_distinct_n_by_hand():
+    continuations = [["a b a b", "a b"], ["c"], []]  # [prompts][samples]
+    # prompt 0: bigrams ab ba ab ab -> 2 of 4; prompts 1 and 2 have none and are left out
+    assert distinct_n(continuations, 2) == pytest.approx(0.5)
+    # unigrams: prompt 0 a b a b a b -> 2 of 6; prompt 1 c -> 1 of 1
+    assert distinct_n(continuations, 1) == pytest.approx((2 / 6 + 1) / 2)
+    assert distinct_n([["one"]], 3) is None

@@ -38,6 +38,20 @@ def toxicity_metrics(scores, threshold: float = TOXIC_THRESHOLD) -> dict[str, fl
     return {name: float(values.mean()) for name, values in _per_prompt(scores, threshold).items()}
 
 
+def distinct_n(continuations: list[list[str]], n: int) -> float | None:
+    """Diversity as DExperts reports it (Liu et al. 2021, after Li et al. 2016): per prompt, the
+    distinct word n-grams of its continuations over all of them; the mean over prompts (prompts
+    whose continuations have no n-gram left out). A pruned model that repeats itself can look
+    less toxic; this shows it."""
+    ratios = []
+    for texts in continuations:  # [prompts][samples]
+        grams = [tuple(words[i:i + n]) for words in map(str.split, texts)
+                 for i in range(len(words) - n + 1)]
+        if grams:
+            ratios.append(len(set(grams)) / len(grams))
+    return float(np.mean(ratios)) if ratios else None
+
+
 def bootstrap_intervals(scores, resamples: int = 1000, seed: int = 0, level: float = 0.95,
                         threshold: float = TOXIC_THRESHOLD) -> dict[str, list[float]]:
     """Percentile-bootstrap interval of each metric, resampling prompts with replacement."""
@@ -87,6 +101,7 @@ def evaluate_toxicity(model, tokenizer, prompts: list[str], scorer, samples: int
         "samples_per_prompt": samples,
         "prompts_sha256": texts_sha256(prompts),
         "threshold": TOXIC_THRESHOLD,
+        "distinct": {str(n): distinct_n(continuations, n) for n in (1, 2, 3)},
         "decoding": {"max_new_tokens": max_new_tokens, "top_p": top_p,
                      "temperature": temperature, "seed": seed},
         "bootstrap": {"resamples": bootstrap, "seed": seed, "level": 0.95,
