@@ -13,14 +13,14 @@ Rows:
                   module pruned; `induced-random-S` ablate a random same-size set of the same
                   routed model instead
 Stages are cached with the markers of `lmprune run`: an interrupted comparison resumes where it
-stopped and a finished one is read back. OUT/compare.json holds every number, OUT/compare.md the
-table and the targets, OUT/compare.png toxicity against perplexity (lmprune/compare_report.py).
+stopped and a finished one is read back. At the end of every call the summary is rewritten from
+the rows' files (lmprune/compare_report.py): OUT/compare.json holds every number, OUT/compare.md the
+table and the targets, OUT/compare.png toxicity against perplexity.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -344,11 +344,6 @@ def plan_compare(recipe: CompareRecipe, folder: CompareFolder) -> list[Stage]:
         return 2 if stage.name in searched_tuning else 0
 
     stages.sort(key=phase)
-    inputs = [folder.row_eval(n, t) for n in names for t in (False, True)]
-    stages.append(Stage("summary", {"compare": dataclasses.asdict(recipe.compare),
-                                    "rows": names},
-                        lambda resume: _write_summary(recipe, folder),
-                        [folder.root / "compare.json"], inputs))
     return stages
 
 
@@ -381,19 +376,15 @@ def _induce_stages(recipe: CompareRecipe, folder: CompareFolder, prunes: list) -
 # CLI
 
 
-def _write_summary(recipe: CompareRecipe, folder: CompareFolder) -> dict:
-    from lmprune.compare_report import write_summary
-
-    return write_summary(recipe, folder)
-
-
 def run_compare(recipe: CompareRecipe) -> int:
-    from lmprune.compare_report import table
+    from lmprune.compare_report import table, write_summary
 
     folder = CompareFolder(recipe.run.out)
     record_recipe(folder, recipe.values)
     seconds = execute_stages(plan_compare(recipe, folder), folder, command="compare")
-    print("\n".join(table(json.loads((folder.root / "compare.json").read_text()))))
+    # derived from the rows' files in seconds: always rewritten, so it follows the code
+    summary = write_summary(recipe, folder)
+    print("\n".join(table(summary)))
     print(f"lmprune compare: finished in {duration(seconds)}; {folder.root / 'compare.md'}",
           flush=True)
     return 0
