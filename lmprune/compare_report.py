@@ -175,6 +175,9 @@ def table(summary: dict) -> list[str]:
             _cell(row[stage], key, 2 if key == "perplexity" else 3)
             for stage in ("pruned", "finetuned") for key in COLUMNS) + " |")
     for group, stats in summary["random"].items():
+        n = next(iter(next(iter(stats.values())).values()))["n"]
+        if n < 2:  # one seed: its own row above says it all
+            continue
         cells = []
         for stage in ("pruned", "finetuned"):
             for key in COLUMNS:
@@ -182,7 +185,6 @@ def table(summary: dict) -> list[str]:
                 digits = 2 if key == "perplexity" else 3
                 cells.append("–" if s is None else
                              f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}")
-        n = next(iter(next(iter(stats.values())).values()))["n"]
         lines.append(f"| {group} (mean ± sd, {n} seeds) | | " + " | ".join(cells) + " |")
     return lines
 
@@ -196,7 +198,7 @@ def plot(summary: dict, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     drawn = 0
     for name, row in summary["rows"].items():
         if name.startswith(("random-", "induced-random-")):
@@ -236,7 +238,7 @@ def plot(summary: dict, path: Path) -> Path | None:
                  f"{proto.get('samples_per_prompt')}, {str(proto.get('scorer')).split(' ')[0]}"
                  f"\nhollow: after pruning, filled: after fine-tuning", fontsize="medium")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))  # off the data
     return save_figure_atomic(fig, path)
 
 
