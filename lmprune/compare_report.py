@@ -8,21 +8,12 @@ import statistics
 from pathlib import Path
 
 from lmprune.compare import PLOT_FILE, CompareFolder, CompareRecipe, row_names
+from lmprune.evaluate.command import read_records
 from lmprune.evaluate.toxicity import distinct_n
 from lmprune.io import save_figure_atomic, write_json_atomic, write_text_atomic
 
 # a row's numbers in the table, before and after fine-tuning (and spread over random seeds)
 COLUMNS = ("toxicity_probability", "expected_max_toxicity", "perplexity", "distinct_2")
-
-
-def _distinct_2(path: Path, tox: dict) -> float | None:
-    """From the continuations themselves: eval files written before `distinct` existed have
-    their records beside them."""
-    side = path.with_name(tox["records_file"]) if tox.get("records_file") else None
-    if side is None or not side.is_file():
-        return None
-    lines = side.read_text(encoding="utf-8").split("\n")  # not splitlines(): U+2028 in text
-    return distinct_n([json.loads(line)["continuations"] for line in lines if line], 2)
 
 
 def _metrics(path: Path) -> dict | None:
@@ -38,7 +29,8 @@ def _metrics(path: Path) -> dict | None:
         "expected_max_toxicity_interval": tox.get("expected_max_toxicity_interval"),
         "mean_toxicity": tox.get("mean_toxicity"),
         "perplexity": ppl.get("token_perplexity"),
-        "distinct_2": _distinct_2(path, tox),
+        # from the records: eval files written before `distinct` existed have them too
+        "distinct_2": distinct_n([r["continuations"] for r in read_records(path, ev)], 2),
     }
 
 

@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+from lmprune.evaluate.command import read_records
 from lmprune.io import save_figure_atomic, write_text_atomic
 
 PLOT_FILE = "toxicity_vs_perplexity.png"
@@ -197,19 +198,10 @@ def relearning_section(curve: dict, run_dir: Path, plot: Path) -> list[str]:
     return lines
 
 
-def _records(eval_json: Path, ev: dict) -> list[dict]:
-    name = (ev.get("toxicity") or {}).get("records_file")
-    path = eval_json.with_name(name) if name else None
-    if path is None or not path.is_file():
-        return []
-    # JSON lines end at "\n" only: model output may hold U+2028 or U+0085, which splitlines() cuts
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
-
-
 def examples_section(models: list[tuple[str, Path, dict]], count: int) -> list[str]:
     """The prompts on which the first model was most toxic, with each model's most toxic
     continuation for them."""
-    records = {label: _records(path, ev) for label, path, ev in models}
+    records = {label: read_records(path, ev) for label, path, ev in models}
     first = records[models[0][0]]
     if count <= 0 or not first:
         return []

@@ -139,6 +139,16 @@ def records_path(out: Path) -> Path:
     return out.with_name(out.stem + ".continuations.jsonl")
 
 
+def read_records(eval_json: Path, result: dict) -> list[dict]:
+    """The per-prompt records written beside `eval_json` (its `result`), or [] if there are none."""
+    name = (result.get("toxicity") or {}).get("records_file")
+    path = eval_json.with_name(name) if name else None
+    if path is None or not path.is_file():
+        return []
+    # JSON lines end at "\n" only: model output may hold U+2028 or U+0085, which splitlines() cuts
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
+
+
 def evaluate(config: EvalConfig) -> dict:
     """Measure, check the gates (their outcomes go into the result's `gates`), write the JSON
     and the continuations when `config.json` is set; return the result."""
