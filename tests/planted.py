@@ -14,6 +14,7 @@ import torch
 from tiny_models import tiny_model, tiny_tokenizer
 
 from lmprune.cli import main
+from lmprune.evaluate.command import read_records
 from lmprune.models import save_model
 
 PLANTED = list(range(5, 13))  # layer 1
@@ -74,11 +75,12 @@ def planted_setup(tmp_path, used: int = 40):
     return tmp_path
 
 
-def planted_share(continuations: Path) -> float:
-    """Share of the sampled continuations of an eval's `.continuations.jsonl` that say the
-    planted 'q' first: the prompts end in 'x', so this is the behaviour the module carries."""
-    texts = [c for line in continuations.read_text().split("\n") if line
-             for c in json.loads(line)["continuations"]]
+def planted_share(eval_json: Path) -> float:
+    """Share of the sampled continuations of an eval (its JSON and the records beside it) that
+    say the planted 'q' first: the prompts end in 'x', so this is the behaviour the module
+    carries."""
+    records = read_records(eval_json, json.loads(eval_json.read_text()))
+    texts = [c for r in records for c in r["continuations"]]
     return sum(c.startswith("q") for c in texts) / len(texts)
 
 

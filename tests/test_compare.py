@@ -122,10 +122,9 @@ def test_the_headline_prunes_the_planted_module_and_the_controls_copy_it(compare
     assert json.loads((out / "modules.json").read_text())["settings"]["k"] == 6
     # each row's eval measured its own model: the planted behaviour ('q' after the prompts' 'x')
     # goes with the planted module and stays with the random controls
-    share = {name: planted_share(out / "rows" / name / "eval.continuations.jsonl")
+    share = {name: planted_share(out / "rows" / name / "eval.json")
              for name in ("base", "planted", "random-0", "random-1")}
-    share["planted+ft"] = planted_share(out / "rows" / "planted" /
-                                        "eval-finetuned.continuations.jsonl")
+    share["planted+ft"] = planted_share(out / "rows" / "planted" / "eval-finetuned.json")
     assert share["base"] > 0.9 and min(share["random-0"], share["random-1"]) > 0.5, share
     assert share["planted"] < 0.1 and share["planted+ft"] < 0.1, share
     # pruned weights stay zero through fine-tuning

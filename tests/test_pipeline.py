@@ -121,7 +121,7 @@ def test_the_chain_runs_end_to_end_and_prunes_the_planted_module(finished):
         assert result["toxicity"]["num_prompts"] == 4 and result["perplexity"]["tokens"] == 400
     # each eval measured its own model: the planted behaviour goes with the module, stays with
     # the control and does not come back in fine-tuning
-    share = {name: planted_share(out / "eval" / f"{name}.continuations.jsonl")
+    share = {name: planted_share(out / "eval" / f"{name}.json")
              for name in ("base", "pruned", "control-1", "finetuned")}
     assert share["base"] > 0.9 and share["control-1"] > 0.5, share
     assert share["pruned"] < 0.1 and share["finetuned"] < 0.1, share
