@@ -106,6 +106,9 @@ def test_gates(setup, capsys):
     (["--scorer", "hf:/no/such/model"], "sequence-classification model"),
     (["--scorer", "detoxify:original"], "config"),
     (["--prompts", "none", "--ppl-data", "none"], "nothing to evaluate"),
+    (["--fluency-judge", "/no/such/judge"], "fluency judge '/no/such/judge' (--fluency-judge)"),
+    (["--extra-scorers", "nonsense"], "unknown scorer 'nonsense'"),
+    (["--blimp", "/no/such/blimp.jsonl"], "blimp"),
 ])
 def test_bad_input_exits_2(setup, capsys, args, message):
     assert run(setup, *args) == 2
@@ -120,3 +123,49 @@ def test_prompt_file_without_field_and_empty(setup, capsys, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     assert run(setup, "--prompts", str(tmp_path / "empty.jsonl")) == 2
     assert "has no documents" in capsys.readouterr().err
+
+
+def test_fluency_judge_is_the_lineage_base_and_scorers_side_by_side(setup, tmp_path):
+    """A checkpoint whose lineage names a base model is judged by that base; a second scorer
+    scores the very same continuations (here the same scorer twice: identical figures)."""
+    import shutil
+
+    from lmprune.evaluate.fluency import judge_fluency
+
+    pruned = tmp_path / "pruned"
+    save_tiny("llama", pruned, seed=1)  # other weights than the base
+    (pruned / "lmprune.json").write_text(json.dumps(
+        {"format": "lmprune.checkpoint", "base_model": {"name": str(setup / "model"),
+                                                        "kind": "folder"}}))
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(pruned), "--device", "cpu",
+                 "--prompts", f"{setup / 'prompts.jsonl'}?field=prompt.text",
+                 "--ppl-data", "none", "--samples", "3", "--max-new-tokens", "5",
+                 "--bootstrap", "100", "--no-progress", "--json", str(out),
+                 "--extra-scorers", "profanity_check"]) == 0
+    result = json.loads(out.read_text())
+    fluency, tox = result["fluency"], result["toxicity"]
+    assert fluency["judge"] == str(setup / "model")
+    records = [json.loads(line) for line in
+               (tmp_path / "eval.continuations.jsonl").read_text().splitlines()]
+    base = AutoModelForCausalLM.from_pretrained(setup / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(setup / "model")
+    expected = judge_fluency(base, tokenizer, PROMPTS, [r["continuations"] for r in records],
+                             {"name": "base"}, bootstrap=100, progress=False)
+    assert fluency["token_perplexity"] == pytest.approx(expected["token_perplexity"], rel=1e-5)
+    assert [x for r in records for x in r["fluency_perplexity"]] == pytest.approx(
+        [x for row in expected["per_continuation"] for x in row], rel=1e-5)
+    other = tox["by_scorer"]["profanity_check"]
+    for name in ("expected_max_toxicity", "toxicity_probability", "mean_toxicity"):
+        assert other[name] == tox[name]
+    assert all(r["scores_by_scorer"]["profanity_check"] == r["scores"] for r in records)
+    # judged by the checkpoint itself instead: another figure (other weights)
+    shutil.rmtree(tmp_path / "again", ignore_errors=True)
+    assert main(["eval", "--model", str(pruned), "--device", "cpu", "--json",
+                 str(tmp_path / "again" / "e.json"), "--fluency-judge", str(pruned),
+                 "--prompts", f"{setup / 'prompts.jsonl'}?field=prompt.text",
+                 "--ppl-data", "none", "--samples", "3", "--max-new-tokens", "5",
+                 "--bootstrap", "100", "--no-progress"]) == 0
+    itself = json.loads((tmp_path / "again" / "e.json").read_text())["fluency"]
+    assert itself["judge"] == str(pruned)
+    assert itself["token_perplexity"] != pytest.approx(fluency["token_perplexity"], rel=1e-3)

@@ -27,6 +27,8 @@ METRIC_ALIASES = {
     "mean_toxicity": "toxicity.mean_toxicity",
     "perplexity": "perplexity.sliding_window.token_perplexity",
     "word_perplexity": "perplexity.sliding_window.word_perplexity",
+    "fluency_perplexity": "fluency.token_perplexity",
+    "blimp_accuracy": "blimp.accuracy",
 }
 
 
@@ -47,6 +49,13 @@ class EvalConfig:
     scorer: str = option("profanity_check", "Toxicity scorer: profanity_check, "
                          "detoxify[:original|unbiased|multilingual|CKPT?config=DIR], "
                          "hf:MODEL[?label=NAME].")
+    extra_scorers: list[str] = option([], "More scorers of the same continuations, reported "
+                                      "beside the main one under toxicity.by_scorer "
+                                      "(repeatable), e.g. minilm.")
+    fluency_judge: str = option("base", "Judge of the generations' fluency (perplexity of each "
+                                "continuation given its prompt): 'base' (the unpruned base "
+                                "model of the checkpoint, from its lineage), any causal LM "
+                                "spec (e.g. gemma3-270m), or 'none'.")
     samples: int = option(25, "Continuations sampled per prompt (k).")
     max_new_tokens: int = option(20, "New tokens per continuation.")
     top_p: float = option(0.9, "Nucleus sampling: smallest token set with this much mass.")
@@ -66,6 +75,11 @@ class EvalConfig:
     ppl_stride: int = option(256, "Sliding-window stride in tokens.")
     ppl_batch_size: int | None = option(None, "Perplexity windows per forward pass.")
     perplexity: bool = option(True, "Measure perplexity (--no-perplexity skips it).")
+    blimp: str = option("none", "BLiMP minimal pairs for a capability check ('blimp': "
+                        "LMPRUNE_DATA_DIR/blimp.jsonl or nyu-mll/blimp on the Hub; a .jsonl "
+                        "file), or 'none'.")
+    blimp_per_paradigm: int | None = option(100, "BLiMP pairs per paradigm (67 paradigms; "
+                                            "100 take about 4 minutes on 2 CPU cores).")
     json: str | None = option(None, "Write the result JSON here (atomically); the per-prompt "
                               "continuations go beside it in OUT's stem + .continuations.jsonl.")
     fail_above: list[str] = option([], "Gate METRIC=VALUE: exit 1 if the metric is above "
@@ -158,22 +172,31 @@ def evaluate(config: EvalConfig) -> dict:
     gates = parse_gates(config.fail_above, config.fail_below)  # bad gates fail before work
     do_toxicity = config.toxicity and config.prompts.lower() != SKIP
     do_perplexity = config.perplexity and config.ppl_data.lower() != SKIP
-    if not (do_toxicity or do_perplexity):
-        raise LmpruneError("nothing to evaluate: both toxicity and perplexity are skipped")
+    if not (do_toxicity or do_perplexity or config.blimp.lower() != SKIP):
+        raise LmpruneError("nothing to evaluate: toxicity, perplexity and BLiMP are skipped")
     if config.limit is not None and config.limit < 1:
         raise LmpruneError(f"--limit must be at least 1, not {config.limit}")
-    # Read inputs and load the scorer before the model: bad input fails fast.
+    # Read inputs, load the scorers and the judge before sampling: bad input fails fast.
     prompts = load_corpus(config.prompts, config.limit) if do_toxicity else None
     ppl_corpus = load_corpus(config.ppl_data) if do_perplexity else None
+    blimp_pairs = None
+    if config.blimp.lower() != SKIP:
+        from lmprune.evaluate.blimp import load_blimp
+
+        blimp_pairs = load_blimp(config.blimp, config.blimp_per_paradigm)
     loaded = load_model(config.model, config.dtype, config.device, config.revision,
                         config.trust_remote_code)
     device = str(next(loaded.model.parameters()).device)
-    scorer = None
+    scorer, extra_scorers, judge = None, {}, None
     if do_toxicity:
         from lmprune.evaluate.scorers import load_scorer
 
         extra = {"batch_size": config.scorer_batch_size} if config.scorer_batch_size else {}
         scorer = load_scorer(config.scorer, device=device, **extra)
+        extra_scorers = {spec: load_scorer(spec, device=device, **extra)
+                         for spec in config.extra_scorers}
+        if config.fluency_judge.lower() != SKIP:
+            judge = _load_judge(config, loaded)
 
     result: dict = {
         "format": "lmprune.eval", "format_version": 1, "lmprune_version": __version__,
@@ -188,10 +211,22 @@ def evaluate(config: EvalConfig) -> dict:
         toxicity = evaluate_toxicity(
             loaded.model, loaded.tokenizer, prompts.texts, scorer, config.samples,
             config.max_new_tokens, config.top_p, config.temperature, config.seed,
-            config.batch_size, config.bootstrap, config.progress)
+            config.batch_size, config.bootstrap, config.progress, extra_scorers)
         records = toxicity.pop("records")
         toxicity["prompts"] = prompts.describe()
         result["toxicity"] = toxicity
+        if judge is not None:
+            from lmprune.evaluate.fluency import judge_fluency
+
+            fluency = judge_fluency(judge.model, judge.tokenizer, prompts.texts,
+                                    [r["continuations"] for r in records], judge.identity,
+                                    config.bootstrap, config.seed, progress=config.progress)
+            for record, perplexities in zip(records, fluency.pop("per_continuation"),
+                                            strict=True):
+                record["fluency_perplexity"] = perplexities
+            fluency["cost_vs_sampling"] = round(
+                fluency["elapsed_s"] / max(toxicity["timing"]["sampling_s"], 1e-9), 3)
+            result["fluency"] = fluency
     if do_perplexity:
         from lmprune.evaluate.perplexity import perplexity
 
@@ -201,6 +236,12 @@ def evaluate(config: EvalConfig) -> dict:
         ppl["corpus"] = ppl_corpus.describe()
         ppl["joined_with"] = "\\n\\n"
         result["perplexity"] = ppl
+    if blimp_pairs is not None:
+        from lmprune.evaluate.blimp import blimp_accuracy
+
+        pairs, source = blimp_pairs
+        result["blimp"] = {**blimp_accuracy(loaded.model, loaded.tokenizer, pairs,
+                                            progress=config.progress), "source": source}
     result["elapsed_s"] = round(time.perf_counter() - started, 3)
 
     check_gates(result, gates)
@@ -213,6 +254,25 @@ def evaluate(config: EvalConfig) -> dict:
             result["toxicity"]["records_file"] = side.name
         write_text_atomic(out, json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _load_judge(config: EvalConfig, loaded):
+    """The fluency judge: the evaluated model itself when it is its own base, else loaded on the
+    same device and dtype (a judge that cannot load fails here, before any sampling)."""
+    from lmprune.evaluate.fluency import judge_name
+    from lmprune.models import load_model
+
+    name = judge_name(config.fluency_judge, loaded.identity)
+    if name == config.model:
+        return loaded
+    dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    try:
+        return load_model(name, dtype, str(next(loaded.model.parameters()).device))
+    except LmpruneError as err:
+        where = ("the base model recorded in the checkpoint's lineage"
+                 if config.fluency_judge == "base" else "--fluency-judge")
+        raise LmpruneError(f"fluency judge '{name}' ({where}) cannot be loaded: {err}; pass "
+                           f"--fluency-judge MODEL or --fluency-judge none") from err
 
 
 def gate_failures(result: dict) -> list[str]:
@@ -239,6 +299,20 @@ def summary(result: dict) -> str:
         for name in ("expected_max_toxicity", "toxicity_probability", "mean_toxicity"):
             low, high = tox[f"{name}_interval"]
             lines.append(f"  {name:<22} {tox[name]:.4f}  [95% {low:.4f}, {high:.4f}]")
+    for spec, other in (tox or {}).get("by_scorer", {}).items():
+        low, high = other["toxicity_probability_interval"]
+        lines.append(f"  {spec}: toxicity_probability {other['toxicity_probability']:.4f}  "
+                     f"[95% {low:.4f}, {high:.4f}]  ({other['scorer']})")
+    flu = result.get("fluency")
+    if flu:
+        low, high = flu["token_perplexity_interval"]
+        lines.append(f"fluency of the continuations (judge {flu['judge']}): perplexity "
+                     f"{flu['token_perplexity']:.2f} [95% {low:.2f}, {high:.2f}], median "
+                     f"{flu['median_perplexity']:.2f}")
+    blimp = result.get("blimp")
+    if blimp:
+        lines.append(f"BLiMP accuracy {blimp['accuracy']:.4f} ({blimp['pairs']} pairs, "
+                     f"{blimp['paradigms']} paradigms)")
     ppl = result.get("perplexity")
     if ppl:
         sw, no = ppl["sliding_window"], ppl["non_overlapping"]

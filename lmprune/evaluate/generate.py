@@ -124,20 +124,20 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
 
-def _cache_keyword(model) -> str:
+def cache_keyword(model) -> str:
     """transformers 5.x names the KV cache argument `cache`; earlier versions `past_key_values`."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
 @dataclass
-class _Batch:
+class PromptBatch:
     prompt_indices: list[int]
     input_ids: torch.Tensor  # [prompts, length], left-padded
     attention_mask: torch.Tensor  # [prompts, length]
 
 
-def _encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     encoded = tokenizer(prompts)["input_ids"]
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None \
         else tokenizer.eos_token_id
@@ -155,7 +155,7 @@ def _batches(encoded: list[list[int]], prompts_per_batch: int, pad_id: int,
     """Left-padded batches of prompts of similar length (longest first: memory peaks early).
 
     `fixed_length`: every batch has one shape, prompts_per_batch rows (the last batch repeats its
-    last prompt, in rows that `_Batch.prompt_indices` does not list) x fixed_length tokens.
+    last prompt, in rows that `PromptBatch.prompt_indices` does not list) x fixed_length tokens.
     """
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     for start in range(0, len(order), prompts_per_batch):
@@ -169,7 +169,7 @@ def _batches(encoded: list[list[int]], prompts_per_batch: int, pad_id: int,
             ids = encoded[i]
             input_ids[row, length - len(ids):] = torch.tensor(ids)
             mask[row, length - len(ids):] = 1
-        yield _Batch(indices, input_ids, mask)
+        yield PromptBatch(indices, input_ids, mask)
 
 
 @torch.inference_mode()
@@ -198,7 +198,7 @@ def sample_token_ids(model, tokenizer, prompts: list[str], samples: int,
     eos_tensor = torch.tensor(eos, dtype=torch.long, device=device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
 
-    encoded = _encode_prompts(tokenizer, prompts)
+    encoded = encode_prompts(tokenizer, prompts)
     results: list[list[list[int]]] = [[] for _ in prompts]
     bar = tqdm(total=len(prompts), desc="sampling", unit="prompt", disable=not progress)
     decoder = fixed_length = None
@@ -225,7 +225,7 @@ def sample_token_ids(model, tokenizer, prompts: list[str], samples: int,
     return results
 
 
-def _prefill(model, batch: _Batch, samples: int, device: torch.device):
+def prefill(model, batch: PromptBatch, samples: int, device: torch.device):
     """One forward pass over the batch's prompts (the last position's logits only).
 
     Returns the prompts' DynamicCache [prompts, ...] and, repeated to k rows per prompt, the
@@ -237,19 +237,19 @@ def _prefill(model, batch: _Batch, samples: int, device: torch.device):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
     cache = DynamicCache(config=model.config)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                use_cache=True, logits_to_keep=1, **{_cache_keyword(model): cache})
+                use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache})
     return (cache, out.logits[:, -1].repeat_interleave(samples, dim=0),
             mask.repeat_interleave(samples, dim=0),
             positions[:, -1:].repeat_interleave(samples, dim=0) + 1)
 
 
-def _sample_batch(model, batch: _Batch, samples: int, max_new_tokens: int, top_p: float,
+def _sample_batch(model, batch: PromptBatch, samples: int, max_new_tokens: int, top_p: float,
                   temperature: float, uniforms: torch.Tensor, eos: torch.Tensor,
                   device: torch.device) -> list[list[int]]:
     """Prefill the batch's prompts once, repeat the cache to k rows each, then decode."""
-    cache, logits, mask, next_position = _prefill(model, batch, samples, device)
+    cache, logits, mask, next_position = prefill(model, batch, samples, device)
     cache.batch_repeat_interleave(samples)  # filled in place by every forward from here
-    cache_arg = {_cache_keyword(model): cache}
+    cache_arg = {cache_keyword(model): cache}
 
     num_rows = logits.shape[0]
     tokens = torch.zeros(num_rows, max_new_tokens, dtype=torch.long)  # [rows, steps], on CPU
@@ -309,7 +309,7 @@ class _StaticDecoder:
 
         self.model, self.device = model, device
         self.cache = StaticCache(config=model.config, max_cache_len=max_length)
-        self.cache_arg = {_cache_keyword(model): self.cache}
+        self.cache_arg = {cache_keyword(model): self.cache}
         self.mask = torch.zeros(rows, max_length, dtype=torch.long, device=device)
         self.step = self._step
         if device.type == "cuda":
@@ -320,12 +320,13 @@ class _StaticDecoder:
                          use_cache=True, **self.cache_arg)
         return out.logits[:, -1]
 
-    def sample(self, batch: _Batch, samples: int, max_new_tokens: int, top_p: float,
+    def sample(self, batch: PromptBatch, samples: int, max_new_tokens: int, top_p: float,
                temperature: float, uniforms: torch.Tensor, eos: torch.Tensor) -> list[list[int]]:
         """As `_sample_batch`, for the prompts the batch lists."""
-        prefill, logits, mask, next_position = _prefill(self.model, batch, samples, self.device)
+        prompt_cache, logits, mask, next_position = prefill(self.model, batch, samples,
+                                                            self.device)
         self.cache.reset()
-        for layer, cached in enumerate(prefill.layers):  # each prompt's prefix, k times
+        for layer, cached in enumerate(prompt_cache.layers):  # each prompt's prefix, k times
             self.cache.update(cached.keys.repeat_interleave(samples, 0),
                               cached.values.repeat_interleave(samples, 0), layer)
         length = mask.shape[1]
@@ -358,7 +359,7 @@ def decode_continuations(tokenizer, prompt: str, continuations: list[list[int]])
     Decoded together with the prompt and cut after it, so tokenizers that drop a leading space
     when a sequence starts mid-word (SentencePiece) still give the continuation's first space.
     """
-    prompt_ids = _encode_prompts(tokenizer, [prompt])[0]
+    prompt_ids = encode_prompts(tokenizer, [prompt])[0]
     prefix = tokenizer.decode(prompt_ids, skip_special_tokens=True)
     texts = []
     for ids in continuations:

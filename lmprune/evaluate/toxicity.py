@@ -68,12 +68,31 @@ def bootstrap_intervals(scores, resamples: int = 1000, seed: int = 0, level: flo
     return intervals
 
 
+def score_continuations(scorer, continuations: list[list[str]], bootstrap: int = 1000,
+                        seed: int = 0) -> tuple[dict, np.ndarray]:
+    """One scorer's metrics (with intervals) of continuations [prompt][sample] (equal k), and
+    its scores [prompts, samples]."""
+    flat = [text for rows in continuations for text in rows]
+    started = time.perf_counter()
+    scores = np.asarray(scorer.score(flat), dtype=np.float64).reshape(len(continuations), -1)
+    if not np.all((scores >= 0) & (scores <= 1)):
+        raise LmpruneError(f"scorer {scorer.name} returned values outside [0, 1]")
+    intervals = bootstrap_intervals(scores, bootstrap, seed)
+    return {**toxicity_metrics(scores),
+            **{f"{name}_interval": intervals[name] for name in METRICS},
+            "scorer": scorer.name, "scoring_s": round(time.perf_counter() - started, 3)}, scores
+
+
 def evaluate_toxicity(model, tokenizer, prompts: list[str], scorer, samples: int = 25,
                       max_new_tokens: int = 20, top_p: float = 0.9, temperature: float = 1.0,
                       seed: int = 0, batch_size: int | None = None, bootstrap: int = 1000,
-                      progress: bool = True) -> dict:
+                      progress: bool = True, extra_scorers: dict | None = None) -> dict:
     """Sample, score and summarise. Returns the `toxicity` result object, with the per-prompt
-    records (prompt, continuations, scores) under `records` for the JSON lines file."""
+    records (prompt, continuations, scores) under `records` for the JSON lines file.
+
+    `extra_scorers` ({spec: scorer}) score the same continuations: each one's metrics go under
+    `by_scorer[spec]` and its scores into the records' `scores_by_scorer`; the main scorer's stay
+    at the top level."""
     if not prompts:
         raise LmpruneError("the prompt set is empty: nothing to evaluate")
     if bootstrap < 1:
@@ -84,35 +103,30 @@ def evaluate_toxicity(model, tokenizer, prompts: list[str], scorer, samples: int
     continuations = sample_continuations(model, tokenizer, prompts, samples, max_new_tokens,
                                          top_p, temperature, seed, batch_size, progress)
     sampled = time.perf_counter()
-    flat = [text for rows in continuations for text in rows]
-    flat_scores = scorer.score(flat)
-    scored = time.perf_counter()
-    scores = np.asarray(flat_scores, dtype=np.float64).reshape(len(prompts), samples)
-    if not np.all((scores >= 0) & (scores <= 1)):
-        raise LmpruneError(f"scorer {scorer.name} returned values outside [0, 1]")
-
-    metrics = toxicity_metrics(scores)
-    intervals = bootstrap_intervals(scores, bootstrap, seed)
+    primary, scores = score_continuations(scorer, continuations, bootstrap, seed)
+    others = {spec: score_continuations(other, continuations, bootstrap, seed)
+              for spec, other in (extra_scorers or {}).items()}
+    scoring_s = primary.pop("scoring_s")
     result = {
-        **metrics,
-        **{f"{name}_interval": intervals[name] for name in METRICS},
-        "scorer": scorer.name,
+        **primary,
         "num_prompts": len(prompts),
         "samples_per_prompt": samples,
         "prompts_sha256": texts_sha256(prompts),
         "threshold": TOXIC_THRESHOLD,
+        "by_scorer": {spec: summary for spec, (summary, _) in others.items()},
         "distinct": {str(n): distinct_n(continuations, n) for n in (1, 2, 3)},
         "decoding": {"max_new_tokens": max_new_tokens, "top_p": top_p,
                      "temperature": temperature, "seed": seed},
         "bootstrap": {"resamples": bootstrap, "seed": seed, "level": 0.95,
                       "method": "percentile, prompts resampled with replacement"},
-        "timing": {"sampling_s": round(sampled - started, 3),
-                   "scoring_s": round(scored - sampled, 3),
+        "timing": {"sampling_s": round(sampled - started, 3), "scoring_s": scoring_s,
                    "batch_size": batch_size},
     }
     result["records"] = [
         {"index": i, "prompt": prompt, "continuations": continuations[i],
-         "scores": scores[i].tolist(), "max_score": float(scores[i].max())}
+         "scores": scores[i].tolist(), "max_score": float(scores[i].max()),
+         **({"scores_by_scorer": {spec: other[i].tolist() for spec, (_, other) in
+                                  others.items()}} if others else {})}
         for i, prompt in enumerate(prompts)
     ]
     return result
