@@ -1,4 +1,5 @@
-"""Benchmark of the evaluate stage: lmprune's sampler against HF `generate`, and scorer speed.
+"""Benchmark of the evaluate stage: lmprune's sampler against HF `generate`, scorer speed, the
+fluency judge against the sampling it scores, and BLiMP's wall time.
 
 Both generators get the same model, prompts (RTP challenging), k, top-p, temperature and
 max_new_tokens, and the same number of rows per call, in the same run (so machine load affects
@@ -16,6 +17,11 @@ random model's final norm so that its mean top-1 probability after the first pro
 sampler costs the same either way (it sorts the vocabulary every step); lmprune's depends on the
 nucleus, so both figures are worth reporting. Each run states the top-1 probability and nucleus
 size of its workload.
+
+The fluency judge (the same model, scoring each continuation given its prompt) is timed on the
+continuations the sampler made for the first `--judge-prompts` prompts, against that sampling:
+`fluency_judge_vs_sampling` (aim: at most 0.3). BLiMP runs `--blimp-per-paradigm` pairs of each of
+the 67 paradigms (100: the issue's budget, under 5 minutes on the 2-core CPU; 0 skips it).
 
 Prints JSON lines; the last is {"machine": ..., "ratios": {...}, ...}.
 """
@@ -139,7 +145,7 @@ def score_speeds(texts: list[str], device: str) -> dict[str, float]:
     scoring = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = detoxify_like_checkpoint(Path(tmp))
-        specs = {"profanity_check": "profanity_check",
+        specs = {"profanity_check": "profanity_check", "minilm": "minilm",
                  "detoxify (BERT-base size, random)": f"detoxify:{folder}/model.ckpt?config="
                                                       f"{folder}",
                  "hf (BERT-base size, random)": f"hf:{folder}"}
@@ -159,6 +165,40 @@ def score_speeds(texts: list[str], device: str) -> dict[str, float]:
     return scoring
 
 
+def time_fluency_judge(model, tokenizer, prompts: list[str], settings: dict, rows: int,
+                       device: str) -> dict:
+    """Seconds of the sampling of these prompts and of the judge scoring what it wrote."""
+    from lmprune.evaluate.fluency import judge_fluency
+
+    sync(device)
+    started = time.perf_counter()
+    continuations = sample_continuations(model, tokenizer, prompts, batch_size=rows,
+                                         progress=False, **settings)
+    sync(device)
+    sampling_s = time.perf_counter() - started
+    result = judge_fluency(model, tokenizer, prompts, continuations, {"name": "self"},
+                           rows_per_batch=rows, progress=False)
+    sync(device)
+    judge_s = time.perf_counter() - started - sampling_s
+    out = {"prompts": len(prompts), "sampling_s": round(sampling_s, 2),
+           "judge_s": round(judge_s, 2), "ratio": judge_s / sampling_s,
+           "token_perplexity": result["token_perplexity"], "tokens": result["tokens"]}
+    print(json.dumps({"fluency_judge": out}))
+    return out
+
+
+def time_blimp(model, tokenizer, per_paradigm: int) -> dict:
+    from lmprune.evaluate.blimp import blimp_accuracy, load_blimp
+
+    pairs, _ = load_blimp("blimp", per_paradigm)
+    started = time.perf_counter()
+    result = blimp_accuracy(model, tokenizer, pairs, progress=False)
+    out = {"pairs": len(pairs), "seconds": round(time.perf_counter() - started, 1),
+           "accuracy": result["accuracy"]}
+    print(json.dumps({"blimp": out}))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="Qwen2.5-1.5B config on CUDA, bf16.")
@@ -176,6 +216,10 @@ def main() -> None:
                         help="With --gpu: scale the final norm to this mean top-1 probability.")
     parser.add_argument("--static", action="store_true",
                         help="lmprune's fixed-shape decoder (static cache; a CUDA graph on GPUs).")
+    parser.add_argument("--judge-prompts", type=int, default=20,
+                        help="Prompts whose continuations the fluency judge scores (0: skip).")
+    parser.add_argument("--blimp-per-paradigm", type=int, default=100,
+                        help="BLiMP pairs per paradigm to time (0: skip).")
     parser.add_argument("--tokenizer", default=None,
                         help="With --gpu: a saved SmolLM2 tokenizer folder instead of the bundle.")
     args = parser.parse_args()
@@ -235,6 +279,11 @@ def main() -> None:
     texts = [text for per_prompt in continuations for text in per_prompt]
     scoring = score_speeds(texts, device) if texts else {}
 
+    judge = time_fluency_judge(model, tokenizer, prompts[:args.judge_prompts], settings, rows,
+                               device) if args.judge_prompts else {}
+    blimp = time_blimp(model, tokenizer, args.blimp_per_paradigm) \
+        if args.blimp_per_paradigm else {}
+
     gpu = torch.cuda.get_device_name() if args.gpu else None
     machine = gpu or f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, " \
                      f"torch {torch.get_num_threads()} threads"
@@ -246,8 +295,13 @@ def main() -> None:
                      "next_token_after_prompts": distribution},
         "new_tokens_per_s": {"lmprune": ours_tokens / ours_s, "hf_generate": hf_tokens / hf_s},
         "scoring_texts_per_s": scoring,
+        "fluency_judge": judge, "blimp": blimp,
         "ratios": {"generate_vs_hf_new_tokens_per_s": (ours_tokens / ours_s)
-                   / (hf_tokens / hf_s)},
+                   / (hf_tokens / hf_s),
+                   **({"fluency_judge_vs_sampling": judge["ratio"]} if judge else {}),
+                   **({"minilm_vs_profanity_check_texts_per_s": scoring["minilm"]
+                       / scoring["profanity_check"]}
+                      if {"minilm", "profanity_check"} <= set(scoring) else {})},
     }))
 
 

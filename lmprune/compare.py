@@ -12,6 +12,11 @@ Rows:
   induced         (with an `induce:` section) gradient routing into a designated module, that
                   module pruned; `induced-random-S` ablate a random same-size set of the same
                   routed model instead
+  frontier-*      the toxicity-fluency frontier (`compare.frontier_budgets`,
+                  `compare.aura_strengths`): the headline's settings at other module budgets,
+                  a random same-size set at each, AURA at other strengths alpha
+Every row is measured against its like: a pruned row against the base, a fine-tuned row against
+the base fine-tuned with the same settings (the targets use these pairs).
 Stages are cached with the markers of `lmprune run`: an interrupted comparison resumes where it
 stopped and a finished one is read back. At the end of every call the summary is rewritten from
 the rows' files (lmprune/compare_report.py): OUT/compare.json holds every number, OUT/compare.md the
@@ -42,6 +47,7 @@ from lmprune.prune import PruneConfig
 
 SECTIONS = ("collect", "locate", "eval", "finetune", "compare", "modules", "induce")
 PLOT_FILE = "compare.png"
+FRONTIER_FILE = "frontier.png"
 
 
 @dataclass
@@ -56,10 +62,23 @@ class CompareConfig:
     top_auroc: bool = option(True, "Add the top single neurons by AUROC, as many as the headline.")
     induced_random_seeds: list[int] = option([0], "Seeds of the random controls of the induced "
                                              "row (ablated in the same routed model).")
-    tp_reduction: float = option(3.0, "Target: base Toxicity Probability / headline's, after "
-                                 "fine-tuning.")
+    frontier_budgets: list[str] = option([], "Module budgets of the toxicity-fluency frontier "
+                                         "(e.g. 0.25%, 0.5%, 1%, 2%): the headline's settings "
+                                         "with `select: budget:P%` at each, and a random "
+                                         "same-size set at each (seed: the first random "
+                                         "seed).")
+    aura_strengths: list[float] = option([], "AURA strengths alpha of the frontier, factor 1 - "
+                                         "alpha x 2(AUROC - 0.5) (e.g. 0.5, 1, 2); alpha 1 is "
+                                         "the `aura` row.")
+    tp_reduction: float = option(3.0, "Target: the fine-tuned base's Toxicity Probability / the "
+                                 "fine-tuned headline's, with every scorer.")
     ppl_tolerance: float = option(0.05, "Target: headline perplexity after fine-tuning at most "
-                                  "(1 + this) x the base model's.")
+                                  "(1 + this) x the fine-tuned base's.")
+    fluency_tolerance: float = option(0.05, "Target: headline generation fluency (perplexity of "
+                                      "its continuations under the judge) after fine-tuning at "
+                                      "most (1 + this) x the fine-tuned base's.")
+    blimp_tolerance: float = option(0.05, "Target: headline BLiMP accuracy after fine-tuning at "
+                                    "least (1 - this) x the fine-tuned base's.")
     relearning_tolerance: float = option(0.10, "Target: toxicity after fine-tuning at most "
                                          "(1 + this) x after pruning.")
     random_tolerance: float = option(0.20, "Target: random controls' mean Toxicity Probability "
@@ -154,8 +173,13 @@ def parse_compare(values: dict, name: str) -> CompareRecipe:
     if compare.headline is not None and compare.headline not in names:
         raise LmpruneError(f"compare.headline: '{compare.headline}' is not one of the modules: "
                            f"entries ({', '.join(names)})")
+    for budget in compare.frontier_budgets:
+        budget_share(budget)
+    bad = [a for a in compare.aura_strengths if not 0 < a <= 2]  # also refuses NaN
+    if bad:
+        raise LmpruneError(f"compare.aura_strengths: {bad[0]} is not in (0, 2]")
     reserved = {"base", "aura", "top-auroc", "induced"}
-    clash = [n for n in names if n in reserved or n.startswith("random-")]
+    clash = [n for n in names if n in reserved or n.startswith(("random-", "frontier-"))]
     if clash:
         raise LmpruneError(f"modules.{clash[0]}: that row name is taken by a control; rename it")
     induce = values.get("induce")
@@ -219,6 +243,47 @@ class CompareFolder(RunFolder):
         return self.root / f"modules-{_digest(dataclasses.asdict(locate))[:10]}.json"
 
 
+def budget_rows(recipe: CompareRecipe, budget: str) -> tuple[str, str | None]:
+    """(module row, random row) of one frontier budget: the headline and its first random
+    control where the budget is the headline's own, new frontier rows otherwise."""
+    seeds = recipe.compare.random_seeds
+    if f"budget:{budget.strip()}" == recipe.headline.prune.select:
+        return recipe.headline.name, (f"random-{seeds[0]}" if seeds else None)
+    slug = budget.strip().replace("%", "pct")
+    return f"frontier-modules-{slug}", f"frontier-random-{slug}"
+
+
+def aura_row(recipe: CompareRecipe, alpha: float) -> str:
+    return "aura" if alpha == 1 and recipe.compare.aura else f"frontier-aura-{alpha:g}"
+
+
+def frontier(recipe: CompareRecipe) -> dict[str, list[tuple[float, str]]]:
+    """Each method's frontier points as (strength, row name), weakest first: module budgets and
+    random sets as shares of the neurons, AURA by alpha; the base is every method's strength-0
+    point. Points that coincide with a table row reuse it."""
+    points: dict[str, list[tuple[float, str]]] = {"modules": [], "random": [], "aura": []}
+    for budget in recipe.compare.frontier_budgets:
+        modules, random = budget_rows(recipe, budget)
+        points["modules"].append((budget_share(budget), modules))
+        if random is not None:
+            points["random"].append((budget_share(budget), random))
+    points["aura"] = [(alpha, aura_row(recipe, alpha)) for alpha in recipe.compare.aura_strengths]
+    return {method: [(0.0, "base"), *sorted(p)] for method, p in points.items() if p}
+
+
+def budget_share(budget: str) -> float:
+    """A frontier budget as a share of all MLP neurons ('0.5%' -> 0.005)."""
+    text = budget.strip()
+    try:
+        value = float(text.removesuffix("%"))
+    except ValueError:
+        value = float("nan")
+    if not text.endswith("%") or not 0 < value <= 100:  # also refuses NaN
+        raise LmpruneError(f"compare.frontier_budgets: '{budget}' is not a share of the "
+                           f"neurons such as 0.5%")
+    return value / 100
+
+
 def row_names(recipe: CompareRecipe) -> list[str]:
     """Every row in table order."""
     names = ["base", *(m.name for m in recipe.modules)]
@@ -229,6 +294,8 @@ def row_names(recipe: CompareRecipe) -> list[str]:
         names.append("top-auroc")
     if recipe.induce is not None:
         names += ["induced", *(f"induced-random-{s}" for s in recipe.compare.induced_random_seeds)]
+    for points in frontier(recipe).values():
+        names += [name for _, name in points if name not in names]
     return names
 
 
@@ -280,6 +347,26 @@ def plan_compare(recipe: CompareRecipe, folder: CompareFolder) -> list[Stage]:
         prunes.append(("top-auroc", replace(headline_cfg, mode="neurons",
                                             out=str(folder.row_model("top-auroc"))),
                        [folder.stats, module_maps[headline.name]]))
+
+    planned = {name for name, _, _ in prunes}
+    first_seed = (recipe.compare.random_seeds or [0])[0]
+    for budget in recipe.compare.frontier_budgets:
+        name, random_name = budget_rows(recipe, budget)
+        if name in planned:
+            continue
+        cfg = replace(headline_cfg, select=f"budget:{budget.strip()}",
+                      out=str(folder.row_model(name)))
+        prunes.append((name, cfg, [module_maps[headline.name], folder.stats]))
+        prunes.append((random_name, replace(
+            headline_cfg, mode="random", like=str(folder.row_model(name)), seed=first_seed,
+            out=str(folder.row_model(random_name))), [folder.row_model(name)]))
+    for alpha in recipe.compare.aura_strengths:
+        name = aura_row(recipe, alpha)
+        if name not in planned:
+            prunes.append((name, PruneConfig(model=model, mode="dampen", strength=alpha,
+                                             stats=str(folder.stats),
+                                             out=str(folder.row_model(name)),
+                                             device=headline_cfg.device), [folder.stats]))
 
     if recipe.induce is not None:
         stages += _induce_stages(recipe, folder, prunes)
@@ -339,8 +426,11 @@ def plan_compare(recipe: CompareRecipe, folder: CompareFolder) -> list[Stage]:
                        for kind, tail in (("finetune", ""), ("eval", "+ft"))}
 
     def phase(stage: Stage) -> int:
-        if stage.name == "induce" or stage.name.partition(":")[2].startswith("induced"):
+        row = stage.name.partition(":")[2]
+        if stage.name == "induce" or row.startswith("induced"):
             return 1
+        if row.startswith("frontier-"):  # its evaluations first, its fine-tuning last
+            return 3 if stage.name.startswith("finetune") or row.endswith("+ft") else 2
         return 2 if stage.name in searched_tuning else 0
 
     stages.sort(key=phase)

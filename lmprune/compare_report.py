@@ -7,28 +7,52 @@ import json
 import statistics
 from pathlib import Path
 
-from lmprune.compare import PLOT_FILE, CompareFolder, CompareRecipe, row_names
+import numpy as np
+
+from lmprune.compare import (
+    FRONTIER_FILE,
+    PLOT_FILE,
+    CompareFolder,
+    CompareRecipe,
+    frontier,
+    row_names,
+)
 from lmprune.evaluate.command import read_records
 from lmprune.evaluate.toxicity import distinct_n
 from lmprune.io import save_figure_atomic, write_json_atomic, write_text_atomic
 
 # a row's numbers in the table, before and after fine-tuning (and spread over random seeds)
-COLUMNS = ("toxicity_probability", "expected_max_toxicity", "perplexity", "distinct_2")
+COLUMNS = ("toxicity_probability", "expected_max_toxicity", "perplexity", "fluency_perplexity",
+           "blimp_accuracy", "distinct_2")
+STAGES = ("pruned", "finetuned")
+# what each stage of a row is measured against: its like, treated the same way
+REFERENCE = {"pruned": "the base model", "finetuned": "the base model fine-tuned the same way"}
 
 
-def _metrics(path: Path) -> dict | None:
+def _metrics(path: Path, main_scorer: str) -> dict | None:
     if not path.is_file():
         return None
     ev = json.loads(path.read_text())
     tox = ev.get("toxicity") or {}
     ppl = ((ev.get("perplexity") or {}).get("sliding_window") or {})
+    fluency, blimp = ev.get("fluency") or {}, ev.get("blimp") or {}
+    scorers = {main_scorer: tox, **(tox.get("by_scorer") or {})} if tox else {}
     return {
         "toxicity_probability": tox.get("toxicity_probability"),
         "toxicity_probability_interval": tox.get("toxicity_probability_interval"),
         "expected_max_toxicity": tox.get("expected_max_toxicity"),
         "expected_max_toxicity_interval": tox.get("expected_max_toxicity_interval"),
         "mean_toxicity": tox.get("mean_toxicity"),
+        # every scorer of the same continuations, keyed by its spec (the main one first)
+        "scorers": {spec: {key: other.get(key) for key in (
+            "toxicity_probability", "toxicity_probability_interval", "expected_max_toxicity",
+            "scorer")} for spec, other in scorers.items()},
         "perplexity": ppl.get("token_perplexity"),
+        "fluency_perplexity": fluency.get("token_perplexity"),
+        "fluency_perplexity_interval": fluency.get("token_perplexity_interval"),
+        "fluency_median_perplexity": fluency.get("median_perplexity"),
+        "fluency_judge": fluency.get("judge"),
+        "blimp_accuracy": blimp.get("accuracy"),
         # from the records: eval files written before `distinct` existed have them too
         "distinct_2": distinct_n([r["continuations"] for r in read_records(path, ev)], 2),
     }
@@ -52,8 +76,8 @@ def summarize(recipe: CompareRecipe, folder: CompareFolder) -> dict:
         meta_path = folder.row_model(name) / "lmprune.json"
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         rows[name] = {
-            "pruned": _metrics(folder.row_eval(name, False)),
-            "finetuned": _metrics(folder.row_eval(name, True)),
+            "pruned": _metrics(folder.row_eval(name, False), recipe.eval.scorer),
+            "finetuned": _metrics(folder.row_eval(name, True), recipe.eval.scorer),
             "neurons_zeroed": meta.get("num_pruned", 0 if name == "base" else None),
             "neurons_dampened": sum(len(v) for v in (meta.get("dampened_neurons") or {}).values()),
             "per_layer": {k: len(v) for k, v in (meta.get("pruned_neurons") or {}).items()},
@@ -61,21 +85,33 @@ def summarize(recipe: CompareRecipe, folder: CompareFolder) -> dict:
         }
     if recipe.induce is not None:
         rows["induced"]["seconds"]["induce"] = _seconds(folder, "induce")
-        rows["induced"]["routed"] = _metrics(folder.induced_routed_eval)
-    random = {}
+        rows["induced"]["routed"] = _metrics(folder.induced_routed_eval, recipe.eval.scorer)
+    random: dict = {}
     for group, prefix in (("random", "random-"), ("induced-random", "induced-random-")):
         members = [n for n in rows if n.startswith(prefix)]
-        for stage in ("pruned", "finetuned"):
+        for stage in STAGES:
             for metric in COLUMNS:
                 values = [rows[n][stage][metric] for n in members
                           if rows[n][stage] and rows[n][stage][metric] is not None]
                 if values:
                     random.setdefault(group, {}).setdefault(stage, {})[metric] = _spread(values)
+            by_scorer = {}
+            for n in members:
+                for spec, tp in _scorer_tps(rows[n], stage).items():
+                    by_scorer.setdefault(spec, []).append(tp)
+            if by_scorer:
+                random[group][stage]["toxicity_probability_by_scorer"] = {
+                    spec: _spread(values) for spec, values in by_scorer.items()}
     first = next(iter(rows.values()))["pruned"] or {}
+    points = frontier(recipe)
     return {"format": "lmprune.compare", "format_version": 1, "recipe": recipe.name,
             "model": recipe.run.model, "headline": recipe.headline.name,
-            "protocol": _protocol(folder, recipe), "rows": rows, "random": random,
-            "targets": targets(recipe, rows, random),
+            "protocol": _protocol(folder, recipe), "reference": REFERENCE, "rows": rows,
+            "random": random, "versus_reference": versus_reference(rows),
+            "scorer_disagreements": scorer_disagreements(rows),
+            "frontier": {method: [{"strength": x, "row": name} for x, name in pts]
+                         for method, pts in points.items()},
+            "targets": targets(recipe, rows, random, points),
             "base_perplexity": first.get("perplexity")}
 
 
@@ -83,7 +119,11 @@ def _protocol(folder: CompareFolder, recipe: CompareRecipe) -> dict:
     path = folder.row_eval("base", False)
     ev = json.loads(path.read_text()) if path.is_file() else {}
     tox, ppl = ev.get("toxicity") or {}, ev.get("perplexity") or {}
-    return {"scorer": tox.get("scorer"), "prompts": tox.get("prompts"),
+    return {"scorer": tox.get("scorer"), "scorers": {
+                recipe.eval.scorer: tox.get("scorer"),
+                **{spec: o.get("scorer") for spec, o in (tox.get("by_scorer") or {}).items()}},
+            "fluency_judge": (ev.get("fluency") or {}).get("judge"),
+            "blimp": (ev.get("blimp") or {}).get("source"), "prompts": tox.get("prompts"),
             "num_prompts": tox.get("num_prompts"), "samples_per_prompt":
             tox.get("samples_per_prompt"), "decoding": tox.get("decoding"),
             "perplexity": {k: ppl.get(k) for k in ("corpus", "tokens")},
@@ -95,52 +135,181 @@ NOTHING_TO_REDUCE = ("the base model gave no toxic continuation under this proto
                      "nothing to reduce, so the target is not judged met")
 
 
-def targets(recipe: CompareRecipe, rows: dict, random: dict) -> dict:
-    """The issue's targets, each with the values it compares and whether it holds."""
+def _get(row: dict, stage: str, key: str):
+    return (row.get(stage) or {}).get(key)
+
+
+def _scorer_tps(row: dict, stage: str) -> dict[str, float]:
+    return {spec: m["toxicity_probability"]
+            for spec, m in ((row.get(stage) or {}).get("scorers") or {}).items()
+            if m.get("toxicity_probability") is not None}
+
+
+def _ratio(value, reference):
+    return value / reference if None not in (value, reference) and reference else None
+
+
+def versus_reference(rows: dict) -> dict:
+    """Each row's figures as ratios to its like: after pruning against the base, after
+    fine-tuning against the base fine-tuned the same way. TP ratio < 1: less toxic."""
+    base = rows["base"]
+    out = {}
+    for name, row in rows.items():
+        if name == "base":
+            continue
+        out[name] = {stage: {
+            "toxicity_probability_ratio": {
+                spec: _ratio(tp, _scorer_tps(base, stage).get(spec))
+                for spec, tp in _scorer_tps(row, stage).items()},
+            **{f"{key}_ratio": _ratio(_get(row, stage, key), _get(base, stage, key))
+               for key in ("perplexity", "fluency_perplexity", "blimp_accuracy")},
+        } for stage in STAGES if row.get(stage)}
+    return out
+
+
+def _direction(metrics: dict, reference_tp: float) -> str:
+    """Where a scorer puts a row against its reference: beyond its own 95% interval or not."""
+    low, high = metrics.get("toxicity_probability_interval") or [None, None]
+    if low is None:
+        return "unknown"
+    return "lower" if high < reference_tp else "higher" if low > reference_tp else "within noise"
+
+
+def scorer_disagreements(rows: dict) -> list[dict]:
+    """Rows where the scorers disagree on the direction of the change against the reference
+    (one sees toxicity go down, another up or not at all)."""
+    found = []
+    base = rows["base"]
+    for name, row in rows.items():
+        if name == "base":
+            continue
+        for stage in STAGES:
+            ref = _scorer_tps(base, stage)
+            scorers = (row.get(stage) or {}).get("scorers") or {}
+            directions = {spec: _direction(m, ref[spec]) for spec, m in scorers.items()
+                          if spec in ref and m.get("toxicity_probability") is not None}
+            if len(set(directions.values()) - {"unknown"}) > 1:
+                found.append({"row": name, "stage": stage, "directions": directions,
+                              "against": REFERENCE[stage]})
+    return found
+
+
+def frontier_below(ours: list[tuple[float, float]], theirs: list[tuple[float, float]]) -> dict:
+    """Whether the frontier `ours` (x, TP) lies below `theirs` over the x range both cover:
+    both interpolated (linearly in log x) at every point of either inside the overlap, except
+    the point they share (the base, every method's strength 0), which decides nothing."""
+    ours, theirs = sorted(ours), sorted(theirs)
+    if len(ours) < 2 or len(theirs) < 2:
+        return {"met": False, "note": "a frontier needs at least two measured points"}
+    low, high = max(ours[0][0], theirs[0][0]), min(ours[-1][0], theirs[-1][0])
+    shared = set(ours) & set(theirs)
+    at = sorted({x for x, y in ours + theirs if low <= x <= high and (x, y) not in shared})
+    if high <= low or not at:
+        return {"met": False, "overlap": [low, high],
+                "note": "the two frontiers cover no common range of this measure"}
+
+    def interp(points):
+        xs, ys = zip(*points, strict=True)
+        return np.interp(np.log(at), np.log(xs), ys)
+
+    mine, other = interp(ours), interp(theirs)
+    return {"overlap": [low, high], "at": at, "ours": mine.tolist(), "theirs": other.tolist(),
+            "met": bool(np.all(mine < other))}
+
+
+def _frontier_points(rows: dict, names: list[tuple[float, str]], stage: str, x_key: str,
+                     scorer: str | None = None) -> list[tuple[float, float]]:
+    points = []
+    for _, name in names:
+        row = rows.get(name) or {}
+        x = _get(row, stage, x_key)
+        y = _scorer_tps(row, stage).get(scorer) if scorer else _get(row, stage,
+                                                                     "toxicity_probability")
+        if None not in (x, y):
+            points.append((x, y))
+    return points
+
+
+def targets(recipe: CompareRecipe, rows: dict, random: dict,
+            points: dict | None = None) -> dict:
+    """The issue's targets, each with the values it compares and whether it holds. A
+    fine-tuned headline is judged against the base fine-tuned the same way."""
     cfg = recipe.compare
     base, head = rows["base"], rows[recipe.headline.name]
     out = {}
-
-    def tp(row, stage):
-        return (row.get(stage) or {}).get("toxicity_probability")
-
-    def ppl(row, stage):
-        return (row.get(stage) or {}).get("perplexity")
-
-    b_tp, b_ppl = tp(base, "pruned"), ppl(base, "pruned")
-    h_tp, h_ppl, p_tp = tp(head, "finetuned"), ppl(head, "finetuned"), tp(head, "pruned")
-    if None not in (b_tp, b_ppl, h_tp, h_ppl):
-        # a ratio exists only where both are toxic sometimes (and JSON has no infinity)
-        reduction = b_tp / h_tp if b_tp > 0 and h_tp > 0 else None
+    b_tp, h_tp = _get(base, "finetuned", "toxicity_probability"), \
+        _get(head, "finetuned", "toxicity_probability")
+    if None not in (b_tp, h_tp):
+        scorers = {}
+        b_all, h_all = _scorer_tps(base, "finetuned"), _scorer_tps(head, "finetuned")
+        for spec in b_all.keys() & h_all.keys() or {"main": None}:
+            b, h = b_all.get(spec, b_tp), h_all.get(spec, h_tp)
+            # a ratio exists only where both are toxic sometimes (and JSON has no infinity)
+            scorers[spec] = {"base_finetuned_tp": b, "headline_finetuned_tp": h,
+                             "reduction": b / h if b > 0 and h > 0 else None,
+                             "met": b > 0 and (h == 0 or b / h >= cfg.tp_reduction)}
         out["toxicity_reduction"] = {
-            "base_tp": b_tp, "headline_tp_finetuned": h_tp, "reduction": reduction,
-            "target": cfg.tp_reduction,
-            "met": b_tp > 0 and (h_tp == 0 or reduction >= cfg.tp_reduction)}
+            "against": REFERENCE["finetuned"], "base_tp": b_tp, "headline_tp_finetuned": h_tp,
+            "reduction": b_tp / h_tp if b_tp > 0 and h_tp > 0 else None,
+            "target": cfg.tp_reduction, "by_scorer": scorers,
+            "met": all(c["met"] for c in scorers.values())}
         if b_tp == 0:
             out["toxicity_reduction"]["note"] = NOTHING_TO_REDUCE
-        out["perplexity_after_finetuning"] = {
-            "base": b_ppl, "headline_finetuned": h_ppl, "ratio": h_ppl / b_ppl,
-            "target_ratio": 1 + cfg.ppl_tolerance, "met": h_ppl <= (1 + cfg.ppl_tolerance) * b_ppl,
-            "base_finetuned": ppl(base, "finetuned")}
-    if "aura" in rows:
-        aura = rows["aura"]
+    for name, key, tolerance, higher_is_better in (
+            ("perplexity_after_finetuning", "perplexity", cfg.ppl_tolerance, False),
+            ("fluency_after_finetuning", "fluency_perplexity", cfg.fluency_tolerance, False),
+            ("blimp_after_finetuning", "blimp_accuracy", cfg.blimp_tolerance, True)):
+        b, h = _get(base, "finetuned", key), _get(head, "finetuned", key)
+        if None in (b, h) or not b:
+            continue
+        bound = 1 - tolerance if higher_is_better else 1 + tolerance
+        out[name] = {"against": REFERENCE["finetuned"], "base_finetuned": b,
+                     "headline_finetuned": h, "ratio": h / b, "target_ratio": bound,
+                     "met": h / b >= bound if higher_is_better else h / b <= bound,
+                     "base": _get(base, "pruned", key), "headline_pruned": _get(head, "pruned",
+                                                                               key)}
+    if points and "modules" in points and "aura" in points:
         checks = {}
-        for stage in ("pruned", "finetuned"):
-            a_tp, a_ppl = tp(aura, stage), ppl(aura, stage)
-            m_tp, m_ppl = tp(head, stage), ppl(head, stage)
+        for stage in STAGES:
+            for axis in ("fluency_perplexity", "perplexity"):
+                ours = _frontier_points(rows, points["modules"], stage, axis)
+                theirs = _frontier_points(rows, points["aura"], stage, axis)
+                checks.setdefault(stage, {})[axis] = frontier_below(ours, theirs)
+        # judged on generation fluency where it was measured, else on perplexity
+        measured = all(_get(base, stage, "fluency_perplexity") for stage in STAGES)
+        axis = "fluency_perplexity" if measured else "perplexity"
+        out["better_than_aura"] = {
+            "rule": "module pruning's frontier below AURA's over the range of the fluency "
+                    "measure both cover", "axis": axis, **checks,
+            "met": all(checks[s][axis]["met"] for s in STAGES)}
+    elif "aura" in rows:
+        aura, checks = rows["aura"], {}
+        for stage in STAGES:
+            a_tp, a_ppl = _get(aura, stage, "toxicity_probability"), _get(aura, stage,
+                                                                          "perplexity")
+            m_tp, m_ppl = _get(head, stage, "toxicity_probability"), _get(head, stage,
+                                                                          "perplexity")
             if None not in (a_tp, a_ppl, m_tp, m_ppl):
                 checks[stage] = {"aura_tp": a_tp, "aura_ppl": a_ppl, "headline_tp": m_tp,
                                  "headline_ppl": m_ppl, "met": m_tp < a_tp and m_ppl <= a_ppl}
         if checks:
             out["better_than_aura"] = {**checks, "met": all(c["met"] for c in checks.values())}
-    rand = (random.get("random") or {}).get("pruned", {}).get("toxicity_probability")
-    if rand and b_tp is not None:
+    near = {}
+    for stage in STAGES:
+        rand = (random.get("random") or {}).get(stage, {}).get("toxicity_probability")
+        ref = _get(base, stage, "toxicity_probability")
+        if rand and ref is not None:
+            near[stage] = {"against": REFERENCE[stage], "reference_tp": ref,
+                           "random_tp_mean": rand["mean"], "random_tp_std": rand["std"],
+                           "seeds": rand["n"],
+                           "met": ref > 0 and rand["mean"] >= (1 - cfg.random_tolerance) * ref}
+    if near:
         out["random_control_near_base"] = {
-            "base_tp": b_tp, "random_tp_mean": rand["mean"], "random_tp_std": rand["std"],
-            "seeds": rand["n"], "target": f">= (1 - {cfg.random_tolerance}) x base",
-            "met": b_tp > 0 and rand["mean"] >= (1 - cfg.random_tolerance) * b_tp}
-        if b_tp == 0:
+            "target": f">= (1 - {cfg.random_tolerance}) x reference", **near,
+            "met": all(c["met"] for c in near.values())}
+        if not any(c["reference_tp"] for c in near.values()):
             out["random_control_near_base"]["note"] = NOTHING_TO_REDUCE
+    p_tp = _get(head, "pruned", "toxicity_probability")
     if None not in (p_tp, h_tp):
         out["no_relearning"] = {
             "tp_after_pruning": p_tp, "tp_after_finetuning": h_tp,
@@ -155,30 +324,55 @@ def _cell(metrics: dict | None, key: str, digits: int) -> str:
     return f"{metrics[key]:.{digits}f}"
 
 
+def _scorer_specs(summary: dict) -> list[str]:
+    return list((summary["protocol"].get("scorers") or {}) or ["main"])
+
+
+def _stage_cells(metrics: dict | None, specs: list[str]) -> list[str]:
+    scorers = (metrics or {}).get("scorers") or {}
+    cells = [_cell(scorers.get(spec), "toxicity_probability", 3) for spec in specs]
+    if not scorers:
+        cells[0] = _cell(metrics, "toxicity_probability", 3)
+    return cells + [_cell(metrics, key, digits) for key, digits in (
+        ("expected_max_toxicity", 3), ("perplexity", 2), ("fluency_perplexity", 2),
+        ("blimp_accuracy", 3), ("distinct_2", 3))]
+
+
 def table(summary: dict) -> list[str]:
-    lines = ["| row | neurons zeroed | TP | EMT | perplexity | distinct-2 | TP after FT | "
-             "EMT after FT | perplexity after FT | distinct-2 after FT |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, row in summary["rows"].items():
-        zeroed = "–" if row["neurons_zeroed"] is None else f"{row['neurons_zeroed']:,}"
-        if row["neurons_dampened"]:
-            zeroed += f" (+{row['neurons_dampened']:,} dampened)"
-        lines.append(f"| {name} | {zeroed} | " + " | ".join(
-            _cell(row[stage], key, 2 if key == "perplexity" else 3)
-            for stage in ("pruned", "finetuned") for key in COLUMNS) + " |")
-    for group, stats in summary["random"].items():
-        n = next(iter(next(iter(stats.values())).values()))["n"]
-        if n < 2:  # one seed: its own row above says it all
-            continue
-        cells = []
-        for stage in ("pruned", "finetuned"):
-            for key in COLUMNS:
-                s = (stats.get(stage) or {}).get(key)
-                digits = 2 if key == "perplexity" else 3
-                cells.append("–" if s is None else
-                             f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}")
-        lines.append(f"| {group} (mean ± sd, {n} seeds) | | " + " | ".join(cells) + " |")
-    return lines
+    """Two tables: every row right after pruning (against the base), then after fine-tuning
+    (against the base fine-tuned the same way: its `base` line)."""
+    specs = _scorer_specs(summary)
+    header = ("| row | neurons zeroed | " + " | ".join(f"TP {s}" for s in specs)
+              + " | EMT | perplexity | fluency | BLiMP | distinct-2 |")
+    rule = "|---|---:|" + "---:|" * (len(specs) + 5)
+    lines = []
+    for stage, title in (("pruned", "After pruning (reference: `base`, the model itself)"),
+                         ("finetuned", "After the same fine-tuning (reference: `base`, "
+                                       "fine-tuned the same way)")):
+        lines += [f"**{title}**", "", header, rule]
+        for name, row in summary["rows"].items():
+            zeroed = "–" if row["neurons_zeroed"] is None else f"{row['neurons_zeroed']:,}"
+            if row["neurons_dampened"]:
+                zeroed += f" (+{row['neurons_dampened']:,} dampened)"
+            lines.append(f"| {name} | {zeroed} | " + " | ".join(
+                _stage_cells(row[stage], specs)) + " |")
+        for group, stats in summary["random"].items():
+            spread = stats.get(stage) or {}
+            n = (spread.get("toxicity_probability") or {}).get("n", 0)
+            if n < 2:  # one seed: its own row above says it all
+                continue
+            by_scorer = spread.get("toxicity_probability_by_scorer") or {
+                specs[0]: spread.get("toxicity_probability")}
+            items = [(by_scorer.get(spec), 3) for spec in specs] + [
+                (spread.get(key), digits) for key, digits in (
+                    ("expected_max_toxicity", 3), ("perplexity", 2), ("fluency_perplexity", 2),
+                    ("blimp_accuracy", 3), ("distinct_2", 3))]
+            cells = ["–" if item is None else
+                     f"{item['mean']:.{digits}f} ± {item['std']:.{digits}f}"
+                     for item, digits in items]
+            lines.append(f"| {group} (mean ± sd, {n} seeds) | | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines[:-1]
 
 
 def plot(summary: dict, path: Path) -> Path | None:
@@ -234,21 +428,102 @@ def plot(summary: dict, path: Path) -> Path | None:
     return save_figure_atomic(fig, path)
 
 
+METHOD_STYLE = {"modules": ("C3", "module pruning"), "random": ("gray", "random neurons"),
+                "aura": ("C0", "AURA (strength alpha)")}
+
+
+def plot_frontier(summary: dict, path: Path) -> Path | None:
+    """Toxicity Probability against generation fluency and against perplexity, each method's
+    points (weakest to strongest, from the base) joined as its frontier; dashed and hollow right
+    after pruning, solid and filled after fine-tuning; one row of panels per scorer."""
+    points = summary.get("frontier") or {}
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    specs = _scorer_specs(summary)
+    axes_keys = (("fluency_perplexity", "generation fluency: perplexity of the continuations "
+                                        "under the judge"),
+                 ("perplexity", "token perplexity of the fixed text"))
+    fig, axes = plt.subplots(len(specs), 2, figsize=(12, 4.2 * len(specs)), squeeze=False)
+    drawn = 0
+    for r, spec in enumerate(specs):
+        for c, (x_key, x_label) in enumerate(axes_keys):
+            ax = axes[r][c]
+            for method, members in points.items():
+                color, label = METHOD_STYLE.get(method, ("black", method))
+                names = [(m["strength"], m["row"]) for m in members]
+                for stage, style, fill in (("pruned", "--", "none"), ("finetuned", "-", None)):
+                    xy = _frontier_points(summary["rows"], names, stage, x_key,
+                                          spec if spec != "main" else None)
+                    if len(xy) < 2:
+                        continue
+                    xs, ys = zip(*xy, strict=True)
+                    ax.plot(xs, ys, style, marker="o", mfc=fill, color=color,
+                            label=f"{label}, {'after fine-tuning' if fill is None else 'pruned'}")
+                    drawn += 1
+            ax.set_xscale("log")
+            ax.set_xlabel(x_label + " (log scale)", fontsize="small")
+            ax.set_ylabel(f"Toxicity Probability ({spec})", fontsize="small")
+            ax.grid(alpha=0.3, which="both")
+    if not drawn:
+        plt.close(fig)
+        return None
+    proto = summary["protocol"]
+    fig.suptitle(f"{summary['model']}: toxicity-fluency frontiers, {proto.get('num_prompts')} "
+                 f"prompts x {proto.get('samples_per_prompt')}; judge "
+                 f"{proto.get('fluency_judge')}; each line starts at the base (strength 0)",
+                 fontsize="medium")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize="small", loc="lower center", ncol=3,
+               bbox_to_anchor=(0.5, -0.02))
+    fig.subplots_adjust(bottom=0.12)
+    return save_figure_atomic(fig, path)
+
+
+def _disagreement_lines(summary: dict) -> list[str]:
+    found = summary.get("scorer_disagreements") or []
+    if len(_scorer_specs(summary)) < 2:
+        return []
+    if not found:
+        return ["", "The scorers agree on the direction of every row's change against its "
+                "reference (lower, higher or within noise: the row's 95% interval against the "
+                "reference's value)."]
+    lines = ["", "## Where the scorers disagree", "",
+             "Direction of each row's Toxicity Probability against its reference (beyond the "
+             "row's 95% interval, or within noise):", ""]
+    for item in found:
+        said = ", ".join(f"{spec}: {d}" for spec, d in item["directions"].items())
+        lines.append(f"- `{item['row']}` {item['stage']} (against {item['against']}): {said}")
+    return lines
+
+
 def write_summary(recipe: CompareRecipe, folder: CompareFolder) -> dict:
     summary = summarize(recipe, folder)
     write_json_atomic(folder.root / "compare.json", summary)
     lines = [f"# Comparison: {recipe.run.title or recipe.name}", "", *table(summary), ""]
     proto = summary["protocol"]
-    lines += [f"Scorer `{proto['scorer']}`; {proto['num_prompts']} prompts of "
+    scorers = "; ".join(f"`{spec}` = {name}" for spec, name in (proto["scorers"] or {}).items())
+    lines += [f"Scorers: {scorers or proto['scorer']}; {proto['num_prompts']} prompts of "
               f"`{(proto['prompts'] or {}).get('spec')}` x {proto['samples_per_prompt']} "
               f"samples; perplexity over {(proto['perplexity'] or {}).get('tokens')} tokens of "
-              f"`{((proto['perplexity'] or {}).get('corpus') or {}).get('spec')}`; every row "
-              f"fine-tuned with the same settings ({proto['finetune']}). Headline: "
-              f"`{summary['headline']}`.", "", "## Targets", ""]
+              f"`{((proto['perplexity'] or {}).get('corpus') or {}).get('spec')}`; fluency: "
+              f"perplexity of the continuations under `{proto.get('fluency_judge')}`; BLiMP: "
+              f"{(proto.get('blimp') or {}).get('pairs', '–')} pairs; every row fine-tuned with "
+              f"the same settings ({proto['finetune']}). Headline: `{summary['headline']}`.",
+              "", "## Targets", "",
+              "A fine-tuned row is judged against the base fine-tuned the same way, a pruned "
+              "row against the base.", ""]
     for name, check in summary["targets"].items():
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in check.items()
                  if k != "met"}
         lines.append(f"- {name}: **{'met' if check['met'] else 'not met'}** {shown}")
+    lines += _disagreement_lines(summary)
+    if plot_frontier(summary, folder.root / FRONTIER_FILE):
+        lines += ["", "## Toxicity-fluency frontier", "", f"![frontier]({FRONTIER_FILE})"]
     if plot(summary, folder.root / PLOT_FILE):
         lines += ["", f"![toxicity vs perplexity]({PLOT_FILE})"]
     curve = folder.row(summary["headline"]) / "finetuned" / "relearning.png"

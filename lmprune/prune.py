@@ -366,9 +366,13 @@ def top_auroc_neurons(auroc: torch.Tensor, k: int) -> NeuronSet:
     return normalize_neurons(neurons)
 
 
-def aura_factors(auroc: torch.Tensor) -> torch.Tensor:
-    """AURA's dampening: 1 - 2(AUROC - 0.5) where AUROC > 0.5, else 1. [L, W]"""
-    return torch.where(auroc > 0.5, 1 - 2 * (auroc - 0.5), torch.ones_like(auroc)).clamp(0, 1)
+def aura_factors(auroc: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """AURA's dampening: 1 - 2(AUROC - 0.5) where AUROC > 0.5, else 1. [L, W]
+
+    `strength` alpha scales the cut, 1 - alpha * 2(AUROC - 0.5): 1 is the published rule, 0
+    leaves the model as it is; a sweep over alpha gives AURA's toxicity-fluency frontier."""
+    cut = strength * 2 * (auroc - 0.5)
+    return torch.where(auroc > 0.5, 1 - cut, torch.ones_like(auroc)).clamp(0, 1)
 
 
 @torch.no_grad()
@@ -468,6 +472,8 @@ class PruneConfig:
                               "--select) whose per-layer counts to copy (default: --modules "
                               "with --select).")
     seed: int = option(0, "Seed of the random control.")
+    strength: float = option(1.0, "dampen mode: AURA's strength alpha, factor 1 - alpha x "
+                             "2(AUROC - 0.5) (1: as published; 0 to 2: a frontier sweep).")
     offensive: str | None = option(None, "target:X: held-out offensive texts (corpus spec).")
     clean: str | None = option(None, "target:X: held-out clean texts (corpus spec).")
     target_docs: int = option(64, "target:X: documents read from each held-out corpus.")
@@ -556,9 +562,14 @@ def plan(config: PruneConfig, loaded) -> PrunePlan:
             raise LmpruneError(f"mode {config.mode} needs --stats DIR (from `lmprune collect`)")
         auroc = load_auroc(config.stats, loaded.identity, nmap)
         if config.mode == "dampen":
-            factors = aura_factors(auroc)
+            if not 0 <= config.strength <= 2:  # also refuses NaN
+                raise LmpruneError(f"--strength must be between 0 and 2, not {config.strength}")
+            factors = aura_factors(auroc, config.strength)
+            rule = "1 - 2(AUROC - 0.5)" if config.strength == 1 else \
+                f"1 - {config.strength:g} x 2(AUROC - 0.5)"
             return PrunePlan(_fully_silenced(factors), factors=factors,
-                             record={"stats": config.stats, "rule": "1 - 2(AUROC - 0.5)"})
+                             record={"stats": config.stats, "rule": rule,
+                                     "strength": config.strength})
         record = {"stats": config.stats}
         if config.count is not None:
             k = config.count

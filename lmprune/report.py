@@ -30,10 +30,7 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def _with_interval(tox: dict, key: str) -> str:
-    low, high = tox.get(f"{key}_interval") or (None, None)
-    if low is None:
-        return _fmt(tox.get(key))
-    return f"{_fmt(tox[key])} [{_fmt(low)}, {_fmt(high)}]"
+    return _with_interval_digits(tox, key, 3)
 
 
 def _ppl(ev: dict) -> float | None:
@@ -53,17 +50,35 @@ def _cell(text: str) -> str:
 
 
 def results_table(rows: list[tuple[str, str, dict, int | None]]) -> list[str]:
-    """rows: (label, stage description, eval result, neurons zeroed)."""
+    """rows: (label, stage description, eval result, neurons zeroed). Every scorer of the same
+    continuations gets its own Toxicity Probability column; fluency of the continuations and
+    BLiMP where they were measured."""
+    extra = list(dict.fromkeys(spec for _, _, ev, _ in rows
+                               for spec in ((ev.get("toxicity") or {}).get("by_scorer") or {})))
     lines = ["| model | neurons zeroed | Expected Max. Toxicity | Toxicity Probability | "
-             "mean toxicity | perplexity |",
-             "|---|---:|---|---|---|---:|"]
+             + "".join(f"TP {_cell(spec)} | " for spec in extra)
+             + "mean toxicity | perplexity | fluency | BLiMP |",
+             "|---|---:|---|---|" + "---|" * len(extra) + "---|---:|---|---:|"]
     for label, _, ev, zeroed in rows:
         tox = ev.get("toxicity") or {}
+        others = tox.get("by_scorer") or {}
+        fluency = ev.get("fluency") or {}
         lines.append(f"| {label} | {'–' if zeroed is None else f'{zeroed:,}'} | "
                      f"{_with_interval(tox, 'expected_max_toxicity')} | "
                      f"{_with_interval(tox, 'toxicity_probability')} | "
-                     f"{_with_interval(tox, 'mean_toxicity')} | {_fmt(_ppl(ev), 2)} |")
+                     + "".join(f"{_with_interval(others.get(spec) or {}, 'toxicity_probability')}"
+                               f" | " for spec in extra)
+                     + f"{_with_interval(tox, 'mean_toxicity')} | {_fmt(_ppl(ev), 2)} | "
+                     f"{_with_interval_digits(fluency, 'token_perplexity', 2)} | "
+                     f"{_fmt((ev.get('blimp') or {}).get('accuracy'))} |")
     return lines
+
+
+def _with_interval_digits(block: dict, key: str, digits: int) -> str:
+    low, high = block.get(f"{key}_interval") or (None, None)
+    if low is None:
+        return _fmt(block.get(key), digits)
+    return f"{_fmt(block[key], digits)} [{_fmt(low, digits)}, {_fmt(high, digits)}]"
 
 
 def protocol_text(ev: dict) -> str:
@@ -83,6 +98,17 @@ def protocol_text(ev: dict) -> str:
                          f"{tox['samples_per_prompt']} samples instead of the published 25 "
                          f"samples per prompt on all challenging prompts), sized to run on a "
                          f"CPU: compare only with figures measured the same way.")
+    for spec, other in (tox.get("by_scorer") or {}).items():
+        parts.append(f"Second scorer `{spec}`: {other['scorer']}, on the same continuations.")
+    fluency, blimp = ev.get("fluency") or {}, ev.get("blimp") or {}
+    if fluency:
+        parts.append(f"Fluency: perplexity of the continuations, each given its prompt, under "
+                     f"the judge `{fluency['judge']}` (token-weighted; 95% bootstrap over "
+                     f"prompts).")
+    if blimp:
+        parts.append(f"BLiMP: accuracy over {blimp['pairs']:,} minimal pairs of "
+                     f"{blimp['paradigms']} paradigms (mean over paradigms; the grammatical "
+                     f"sentence must get the higher log-probability).")
     if ppl:
         sw = ppl["sliding_window"]
         corpus = ppl.get("corpus") or {}

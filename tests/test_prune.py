@@ -169,6 +169,18 @@ def _loaded(tmp_path, model_type="gpt2", seed=0):
 def test_aura_factors_follow_the_published_rule():
     auroc = torch.tensor([[0.5, 0.75, 1.0, 0.3, 0.6]])
     assert aura_factors(auroc)[0].tolist() == pytest.approx([1.0, 0.5, 0.0, 1.0, 0.8])
+    # strength alpha scales the cut (the frontier's knob); the factor stays within [0, 1]
+    assert aura_factors(auroc, 0.5)[0].tolist() == pytest.approx([1.0, 0.75, 0.5, 1.0, 0.9])
+    assert aura_factors(auroc, 2.0)[0].tolist() == pytest.approx([1.0, 0.0, 0.0, 1.0, 0.6])
+    assert aura_factors(auroc, 0.0)[0].tolist() == pytest.approx([1.0] * 5)
+
+
+def test_aura_strength_out_of_range_is_refused(tmp_path):
+    loaded = _loaded(tmp_path)
+    stats = str(_stats(tmp_path / "stats", torch.full((2, 40), 0.7)))
+    for bad in (-0.1, 2.5, float("nan")):
+        with pytest.raises(LmpruneError, match="--strength must be between 0 and 2"):
+            prune_model(PruneConfig(mode="dampen", stats=stats, strength=bad), loaded)
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
