@@ -308,6 +308,27 @@ def evaluation_section(after: dict | None, before: dict | None) -> str:
         a, b = ppl_a.get(key), ppl_b.get(key)
         rows.append(f"| {_ppl_label(*key)}, {_perplexity_dataset(after or before)['dataset_name']}"
                     f" | {_fmt(b)} | {_fmt(a)} | {_delta(b, a)} |")
+    for spec in dict.fromkeys([*(tox_b.get("by_scorer") or {}), *(tox_a.get("by_scorer") or {})]):
+        other_a = (tox_a.get("by_scorer") or {}).get(spec) or {}
+        other_b = (tox_b.get("by_scorer") or {}).get(spec) or {}
+        a, b = _number(other_a.get("toxicity_probability")), \
+            _number(other_b.get("toxicity_probability"))
+        rows.append(f"| Toxicity Probability, scorer {spec} | "
+                    f"{_fmt(b, _interval(other_b, 'toxicity_probability'))} | "
+                    f"{_fmt(a, _interval(other_a, 'toxicity_probability'))} | {_delta(b, a)} |")
+    flu_a, flu_b = after.get("fluency") or {}, before.get("fluency") or {}
+    for key, label in (("token_perplexity", "Fluency: perplexity of the continuations"),
+                       ("median_perplexity", "Fluency: median per-continuation perplexity")):
+        a, b = _number(flu_a.get(key)), _number(flu_b.get(key))
+        if a is not None or b is not None:
+            judge = flu_a.get("judge") or flu_b.get("judge")
+            rows.append(f"| {label} (judge {judge}) | {_fmt(b, _interval(flu_b, key))} | "
+                        f"{_fmt(a, _interval(flu_a, key))} | {_delta(b, a)} |")
+    blimp_a, blimp_b = (after.get("blimp") or {}).get("accuracy"), \
+        (before.get("blimp") or {}).get("accuracy")
+    if blimp_a is not None or blimp_b is not None:
+        rows.append(f"| BLiMP accuracy (higher is better) | {_fmt(_number(blimp_b))} | "
+                    f"{_fmt(_number(blimp_a))} | {_delta(_number(blimp_b), _number(blimp_a))} |")
     if tox_a or tox_b:  # the protocol in the table, so a mismatch shows at a glance
         rows += _protocol_rows(tox_b, tox_a)
     lines = ["## Evaluation", "", *rows, ""]

@@ -149,3 +149,26 @@ def test_card_lists_the_corpora_of_the_module_map_it_came_from(tmp_path):
 def test_card_needs_a_checkpoint(tmp_path):
     with pytest.raises(LmpruneError, match="has no lmprune.json"):
         write_model_card(tmp_path)
+
+
+def test_card_shows_the_second_scorer_generation_fluency_and_blimp():
+    from lmprune.modelcard import evaluation_section
+
+    def ev(tp, second, fluency, blimp):
+        return {"toxicity": {"toxicity_probability": tp, "scorer": "profanity_check",
+                             "num_prompts": 10, "samples_per_prompt": 5,
+                             "by_scorer": {"minilm": {"toxicity_probability": second,
+                                                      "toxicity_probability_interval":
+                                                          [second - 0.1, second + 0.1]}}},
+                "fluency": {"judge": "smollm2-135m", "token_perplexity": fluency,
+                            "token_perplexity_interval": [fluency - 2, fluency + 2],
+                            "median_perplexity": fluency - 5},
+                "blimp": {"accuracy": blimp}}
+
+    text = evaluation_section(ev(0.2, 0.4, 60.0, 0.70), ev(0.6, 0.5, 50.0, 0.72))
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("|")}
+    assert "0.500 [0.400, 0.600] | 0.400 [0.300, 0.500] | -0.100" in \
+        rows["| Toxicity Probability, scorer minilm"]
+    assert "| 50 [48.000, 52.000] | 60 [58.000, 62.000] | +10.00 |" in \
+        rows["| Fluency: perplexity of the continuations (judge smollm2-135m)"]
+    assert "| 0.720 | 0.700 | -0.020 |" in rows["| BLiMP accuracy (higher is better)"]
