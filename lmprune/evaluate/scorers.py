@@ -4,9 +4,13 @@
     detoxify:original | unbiased | multilingual  Detoxify, checkpoint downloaded at first use
     detoxify:/path/model.ckpt?config=/path/dir   Detoxify checkpoint + local HF config/tokenizer
     hf:ID_OR_PATH[?label=toxic]                  any sequence-classification model
+    minilm[?embedder=FOLDER_OR_HUB_ID]           logistic head on all-MiniLM-L6-v2 embeddings,
+                                                 trained once on ToxiGen + ParaDetox (offline;
+                                                 lmprune.evaluate.learned)
 
 Options come as `?key=value` after the name or as keyword arguments of `load_scorer`; both go to
-the scorer (`batch_size`, `max_length`, and `label`, `config`, `revision` where they apply).
+the scorer (`batch_size`, `max_length`, and `label`, `config`, `revision` where they apply;
+`embedder`, `toxigen`, `paradetox`, `max_pairs` for minilm).
 """
 
 from __future__ import annotations
@@ -258,9 +262,13 @@ def load_scorer(name: str, device: str = "cpu", **options) -> Scorer:
             raise LmpruneError("scorer hf: needs a model, e.g. "
                                "hf:s-nlp/roberta_toxicity_classifier")
         scorer = _load_hf(target, device, options)
+    elif kind == "minilm" and not target:
+        from lmprune.evaluate.learned import load_minilm
+
+        scorer = load_minilm(device, options)
     else:
         raise LmpruneError(f"unknown scorer '{name}': use profanity_check, detoxify[:VARIANT|:CKPT"
-                           f"?config=DIR] or hf:MODEL[?label=NAME]")
+                           f"?config=DIR], hf:MODEL[?label=NAME] or minilm[?embedder=DIR]")
     if options:
         raise LmpruneError(f"scorer '{name}': unknown option(s) {', '.join(sorted(options))}")
     return scorer
