@@ -17,47 +17,20 @@ from lmprune.compare import (
     frontier,
     row_names,
 )
-from lmprune.evaluate.command import read_records
-from lmprune.evaluate.toxicity import distinct_n
+from lmprune.evaluate.reference import (
+    REFERENCE,
+    STAGES,
+    get_metric,
+    row_metrics,
+    scorer_disagreements,
+    scorer_tps,
+    versus_reference,
+)
 from lmprune.io import save_figure_atomic, write_json_atomic, write_text_atomic
 
 # a row's numbers in the table, before and after fine-tuning (and spread over random seeds)
 COLUMNS = ("toxicity_probability", "expected_max_toxicity", "perplexity", "fluency_perplexity",
            "blimp_accuracy", "distinct_2")
-STAGES = ("pruned", "finetuned")
-# what each stage of a row is measured against: its like, treated the same way
-REFERENCE = {"pruned": "the base model", "finetuned": "the base model fine-tuned the same way"}
-
-
-def _metrics(path: Path, main_scorer: str) -> dict | None:
-    if not path.is_file():
-        return None
-    ev = json.loads(path.read_text())
-    tox = ev.get("toxicity") or {}
-    ppl = ((ev.get("perplexity") or {}).get("sliding_window") or {})
-    fluency, blimp = ev.get("fluency") or {}, ev.get("blimp") or {}
-    scorers = {main_scorer: tox, **(tox.get("by_scorer") or {})} if tox else {}
-    return {
-        "toxicity_probability": tox.get("toxicity_probability"),
-        "toxicity_probability_interval": tox.get("toxicity_probability_interval"),
-        "expected_max_toxicity": tox.get("expected_max_toxicity"),
-        "expected_max_toxicity_interval": tox.get("expected_max_toxicity_interval"),
-        "mean_toxicity": tox.get("mean_toxicity"),
-        # every scorer of the same continuations, keyed by its spec (the main one first)
-        "scorers": {spec: {key: other.get(key) for key in (
-            "toxicity_probability", "toxicity_probability_interval", "expected_max_toxicity",
-            "scorer")} for spec, other in scorers.items()},
-        "perplexity": ppl.get("token_perplexity"),
-        "fluency_perplexity": fluency.get("token_perplexity"),
-        "fluency_perplexity_interval": fluency.get("token_perplexity_interval"),
-        "fluency_median_perplexity": fluency.get("median_perplexity"),
-        "fluency_judge": fluency.get("judge"),
-        "blimp_accuracy": blimp.get("accuracy"),
-        # from the records: eval files written before `distinct` existed have them too
-        "distinct_2": distinct_n([r["continuations"] for r in read_records(path, ev)], 2),
-    }
-
-
 def _spread(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values),
             "std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -76,8 +49,8 @@ def summarize(recipe: CompareRecipe, folder: CompareFolder) -> dict:
         meta_path = folder.row_model(name) / "lmprune.json"
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         rows[name] = {
-            "pruned": _metrics(folder.row_eval(name, False), recipe.eval.scorer),
-            "finetuned": _metrics(folder.row_eval(name, True), recipe.eval.scorer),
+            "pruned": row_metrics(folder.row_eval(name, False), recipe.eval.scorer),
+            "finetuned": row_metrics(folder.row_eval(name, True), recipe.eval.scorer),
             "neurons_zeroed": meta.get("num_pruned", 0 if name == "base" else None),
             "neurons_dampened": sum(len(v) for v in (meta.get("dampened_neurons") or {}).values()),
             "per_layer": {k: len(v) for k, v in (meta.get("pruned_neurons") or {}).items()},
@@ -85,7 +58,7 @@ def summarize(recipe: CompareRecipe, folder: CompareFolder) -> dict:
         }
     if recipe.induce is not None:
         rows["induced"]["seconds"]["induce"] = _seconds(folder, "induce")
-        rows["induced"]["routed"] = _metrics(folder.induced_routed_eval, recipe.eval.scorer)
+        rows["induced"]["routed"] = row_metrics(folder.induced_routed_eval, recipe.eval.scorer)
     random: dict = {}
     for group, prefix in (("random", "random-"), ("induced-random", "induced-random-")):
         members = [n for n in rows if n.startswith(prefix)]
@@ -97,7 +70,7 @@ def summarize(recipe: CompareRecipe, folder: CompareFolder) -> dict:
                     random.setdefault(group, {}).setdefault(stage, {})[metric] = _spread(values)
             by_scorer = {}
             for n in members:
-                for spec, tp in _scorer_tps(rows[n], stage).items():
+                for spec, tp in scorer_tps(rows[n], stage).items():
                     by_scorer.setdefault(spec, []).append(tp)
             if by_scorer:
                 random[group][stage]["toxicity_probability_by_scorer"] = {
@@ -135,65 +108,6 @@ NOTHING_TO_REDUCE = ("the base model gave no toxic continuation under this proto
                      "nothing to reduce, so the target is not judged met")
 
 
-def _get(row: dict, stage: str, key: str):
-    return (row.get(stage) or {}).get(key)
-
-
-def _scorer_tps(row: dict, stage: str) -> dict[str, float]:
-    return {spec: m["toxicity_probability"]
-            for spec, m in ((row.get(stage) or {}).get("scorers") or {}).items()
-            if m.get("toxicity_probability") is not None}
-
-
-def _ratio(value, reference):
-    return value / reference if None not in (value, reference) and reference else None
-
-
-def versus_reference(rows: dict) -> dict:
-    """Each row's figures as ratios to its like: after pruning against the base, after
-    fine-tuning against the base fine-tuned the same way. TP ratio < 1: less toxic."""
-    base = rows["base"]
-    out = {}
-    for name, row in rows.items():
-        if name == "base":
-            continue
-        out[name] = {stage: {
-            "toxicity_probability_ratio": {
-                spec: _ratio(tp, _scorer_tps(base, stage).get(spec))
-                for spec, tp in _scorer_tps(row, stage).items()},
-            **{f"{key}_ratio": _ratio(_get(row, stage, key), _get(base, stage, key))
-               for key in ("perplexity", "fluency_perplexity", "blimp_accuracy")},
-        } for stage in STAGES if row.get(stage)}
-    return out
-
-
-def _direction(metrics: dict, reference_tp: float) -> str:
-    """Where a scorer puts a row against its reference: beyond its own 95% interval or not."""
-    low, high = metrics.get("toxicity_probability_interval") or [None, None]
-    if low is None:
-        return "unknown"
-    return "lower" if high < reference_tp else "higher" if low > reference_tp else "within noise"
-
-
-def scorer_disagreements(rows: dict) -> list[dict]:
-    """Rows where the scorers disagree on the direction of the change against the reference
-    (one sees toxicity go down, another up or not at all)."""
-    found = []
-    base = rows["base"]
-    for name, row in rows.items():
-        if name == "base":
-            continue
-        for stage in STAGES:
-            ref = _scorer_tps(base, stage)
-            scorers = (row.get(stage) or {}).get("scorers") or {}
-            directions = {spec: _direction(m, ref[spec]) for spec, m in scorers.items()
-                          if spec in ref and m.get("toxicity_probability") is not None}
-            if len(set(directions.values()) - {"unknown"}) > 1:
-                found.append({"row": name, "stage": stage, "directions": directions,
-                              "against": REFERENCE[stage]})
-    return found
-
-
 def frontier_below(ours: list[tuple[float, float]], theirs: list[tuple[float, float]]) -> dict:
     """Whether the frontier `ours` (x, TP) lies below `theirs` over the x range both cover:
     both interpolated (linearly in log x) at every point of either inside the overlap, except
@@ -222,8 +136,8 @@ def _frontier_points(rows: dict, names: list[tuple[float, str]], stage: str, x_k
     points = []
     for _, name in names:
         row = rows.get(name) or {}
-        x = _get(row, stage, x_key)
-        y = _scorer_tps(row, stage).get(scorer) if scorer else _get(row, stage,
+        x = get_metric(row, stage, x_key)
+        y = scorer_tps(row, stage).get(scorer) if scorer else get_metric(row, stage,
                                                                      "toxicity_probability")
         if None not in (x, y):
             points.append((x, y))
@@ -237,11 +151,11 @@ def targets(recipe: CompareRecipe, rows: dict, random: dict,
     cfg = recipe.compare
     base, head = rows["base"], rows[recipe.headline.name]
     out = {}
-    b_tp, h_tp = _get(base, "finetuned", "toxicity_probability"), \
-        _get(head, "finetuned", "toxicity_probability")
+    b_tp, h_tp = get_metric(base, "finetuned", "toxicity_probability"), \
+        get_metric(head, "finetuned", "toxicity_probability")
     if None not in (b_tp, h_tp):
         scorers = {}
-        b_all, h_all = _scorer_tps(base, "finetuned"), _scorer_tps(head, "finetuned")
+        b_all, h_all = scorer_tps(base, "finetuned"), scorer_tps(head, "finetuned")
         for spec in b_all.keys() & h_all.keys() or {"main": None}:
             b, h = b_all.get(spec, b_tp), h_all.get(spec, h_tp)
             # a ratio exists only where both are toxic sometimes (and JSON has no infinity)
@@ -259,15 +173,15 @@ def targets(recipe: CompareRecipe, rows: dict, random: dict,
             ("perplexity_after_finetuning", "perplexity", cfg.ppl_tolerance, False),
             ("fluency_after_finetuning", "fluency_perplexity", cfg.fluency_tolerance, False),
             ("blimp_after_finetuning", "blimp_accuracy", cfg.blimp_tolerance, True)):
-        b, h = _get(base, "finetuned", key), _get(head, "finetuned", key)
+        b, h = get_metric(base, "finetuned", key), get_metric(head, "finetuned", key)
         if None in (b, h) or not b:
             continue
         bound = 1 - tolerance if higher_is_better else 1 + tolerance
         out[name] = {"against": REFERENCE["finetuned"], "base_finetuned": b,
                      "headline_finetuned": h, "ratio": h / b, "target_ratio": bound,
                      "met": h / b >= bound if higher_is_better else h / b <= bound,
-                     "base": _get(base, "pruned", key), "headline_pruned": _get(head, "pruned",
-                                                                               key)}
+                     "base": get_metric(base, "pruned", key),
+                     "headline_pruned": get_metric(head, "pruned", key)}
     if points and "modules" in points and "aura" in points:
         checks = {}
         for stage in STAGES:
@@ -276,7 +190,7 @@ def targets(recipe: CompareRecipe, rows: dict, random: dict,
                 theirs = _frontier_points(rows, points["aura"], stage, axis)
                 checks.setdefault(stage, {})[axis] = frontier_below(ours, theirs)
         # judged on generation fluency where it was measured, else on perplexity
-        measured = all(_get(base, stage, "fluency_perplexity") for stage in STAGES)
+        measured = all(get_metric(base, stage, "fluency_perplexity") for stage in STAGES)
         axis = "fluency_perplexity" if measured else "perplexity"
         out["better_than_aura"] = {
             "rule": "module pruning's frontier below AURA's over the range of the fluency "
@@ -285,9 +199,9 @@ def targets(recipe: CompareRecipe, rows: dict, random: dict,
     elif "aura" in rows:
         aura, checks = rows["aura"], {}
         for stage in STAGES:
-            a_tp, a_ppl = _get(aura, stage, "toxicity_probability"), _get(aura, stage,
+            a_tp, a_ppl = get_metric(aura, stage, "toxicity_probability"), get_metric(aura, stage,
                                                                           "perplexity")
-            m_tp, m_ppl = _get(head, stage, "toxicity_probability"), _get(head, stage,
+            m_tp, m_ppl = get_metric(head, stage, "toxicity_probability"), get_metric(head, stage,
                                                                           "perplexity")
             if None not in (a_tp, a_ppl, m_tp, m_ppl):
                 checks[stage] = {"aura_tp": a_tp, "aura_ppl": a_ppl, "headline_tp": m_tp,
@@ -297,7 +211,7 @@ def targets(recipe: CompareRecipe, rows: dict, random: dict,
     near = {}
     for stage in STAGES:
         rand = (random.get("random") or {}).get(stage, {}).get("toxicity_probability")
-        ref = _get(base, stage, "toxicity_probability")
+        ref = get_metric(base, stage, "toxicity_probability")
         if rand and ref is not None:
             near[stage] = {"against": REFERENCE[stage], "reference_tp": ref,
                            "random_tp_mean": rand["mean"], "random_tp_std": rand["std"],
@@ -309,7 +223,7 @@ def targets(recipe: CompareRecipe, rows: dict, random: dict,
             "met": all(c["met"] for c in near.values())}
         if not any(c["reference_tp"] for c in near.values()):
             out["random_control_near_base"]["note"] = NOTHING_TO_REDUCE
-    p_tp = _get(head, "pruned", "toxicity_probability")
+    p_tp = get_metric(head, "pruned", "toxicity_probability")
     if None not in (p_tp, h_tp):
         out["no_relearning"] = {
             "tp_after_pruning": p_tp, "tp_after_finetuning": h_tp,

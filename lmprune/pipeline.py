@@ -60,6 +60,10 @@ class ControlConfig:
     seeds: list[int] = option([0], "One random control checkpoint per seed ([] for none).")
     finetune: bool = option(False, "Fine-tune the controls too, with the `finetune:` settings "
                             "(without the relearning curve).")
+    finetune_base: bool = option(True, "Fine-tune the unpruned base model too, with the same "
+                                 "`finetune:` settings: the reference the fine-tuned model is "
+                                 "measured against (fine-tuning alone moves toxicity and "
+                                 "perplexity).")
 
 
 @dataclass
@@ -306,6 +310,7 @@ class RunFolder:
         self.modules = self.root / "modules.json"
         self.pruned = self.root / "pruned"
         self.finetuned = self.root / "finetuned"
+        self.base_finetuned = self.root / "base-finetuned"
         self.evals = self.root / "eval"
         self.report = self.root / "report.md"
 
@@ -342,6 +347,9 @@ def eval_targets(recipe: Recipe, folder: RunFolder) -> list[tuple[str, str, list
     targets += [(f"control-{s}", str(folder.control(s)), [folder.control(s)]) for s in seeds]
     if recipe.finetune is not None:
         targets.append(("finetuned", str(folder.finetuned), [folder.finetuned]))
+        if recipe.control.finetune_base:
+            targets.append(("base-finetuned", str(folder.base_finetuned),
+                            [folder.base_finetuned]))
         if recipe.control.finetune:
             targets += [(f"control-{s}-finetuned", str(folder.control(s, True)),
                          [folder.control(s, True)]) for s in seeds]
@@ -409,13 +417,16 @@ def plan_stages(recipe: Recipe, folder: RunFolder) -> list[Stage]:
             stages.append(eval_stage(*target))
 
     if recipe.finetune is not None:
-        pairs = [(folder.pruned, folder.finetuned, "finetune")]
+        # (model, out, stage, upstream): the base model is a source, the checkpoints inputs
+        pairs = [(str(folder.pruned), folder.finetuned, "finetune", [folder.pruned])]
+        if recipe.control.finetune_base:
+            pairs.append((model, folder.base_finetuned, "finetune:base", []))
         if recipe.control.finetune:
-            pairs += [(folder.control(s), folder.control(s, True), f"finetune:control-{s}")
-                      for s in recipe.control.seeds]
-        for source, out, name in pairs:
-            cfg = replace(recipe.finetune, model=str(source), out=str(out), base_model=model)
-            if source != folder.pruned:  # controls: same training, no relearning curve
+            pairs += [(str(folder.control(s)), folder.control(s, True), f"finetune:control-{s}",
+                       [folder.control(s)]) for s in recipe.control.seeds]
+        for source, out, name, upstream in pairs:
+            cfg = replace(recipe.finetune, model=source, out=str(out), base_model=model)
+            if out != folder.finetuned:  # references: same training, no relearning curve
                 cfg = replace(cfg, eval_every=0)
 
             def tune(resume: bool, cfg=cfg):
@@ -423,7 +434,7 @@ def plan_stages(recipe: Recipe, folder: RunFolder) -> list[Stage]:
                     shutil.rmtree(Path(cfg.out) / "checkpoints", ignore_errors=True)
                 finetune(cfg, build_evaluator(cfg))
 
-            stages.append(Stage(name, cfg, tune, [out], [source],
+            stages.append(Stage(name, cfg, tune, [out], upstream,
                                 [model, cfg.data, cfg.eval_prompts, cfg.ppl_data]))
         for target in tuned_targets:
             stages.append(eval_stage(*target))

@@ -249,6 +249,51 @@ def examples_section(models: list[tuple[str, Path, dict]], count: int) -> list[s
     return lines
 
 
+def like_for_like_section(folder, recipe) -> list[str]:
+    """The pruned model against the base, the fine-tuned one against the base fine-tuned the
+    same way: ratios per scorer and fluency measure, and where the scorers disagree."""
+    from lmprune.evaluate.reference import (
+        REFERENCE,
+        row_metrics,
+        scorer_disagreements,
+        versus_reference,
+    )
+
+    def metrics(name: str):
+        return row_metrics(folder.eval_json(name), recipe.eval.scorer)
+
+    rows = {"base": {"pruned": metrics("base"), "finetuned": metrics("base-finetuned")},
+            "result": {"pruned": metrics("pruned"), "finetuned": metrics("finetuned")}}
+    if not rows["base"]["pruned"] or not rows["result"]["pruned"]:
+        return []
+    ratios = versus_reference(rows)["result"]
+    lines = ["### Against its like", "",
+             "| model | against | Toxicity Probability ratio (per scorer) | perplexity ratio | "
+             "fluency ratio | BLiMP ratio |",
+             "|---|---|---|---:|---:|---:|"]
+    for stage, label in (("pruned", "after pruning"), ("finetuned", "after pruning + "
+                                                                     "fine-tuning")):
+        if stage not in ratios or not rows["base"][stage]:
+            continue
+        r = ratios[stage]
+        tps = ", ".join(f"{spec} {_fmt(v, 2)}x" for spec, v in
+                        r["toxicity_probability_ratio"].items())
+        lines.append(f"| {label} | {REFERENCE[stage]} | {tps or '–'} | "
+                     f"{_fmt(r['perplexity_ratio'], 3)} | "
+                     f"{_fmt(r['fluency_perplexity_ratio'], 3)} | "
+                     f"{_fmt(r['blimp_accuracy_ratio'], 3)} |")
+    if not rows["base"]["finetuned"] and rows["result"]["finetuned"]:
+        lines += ["", "The base was not fine-tuned (`control.finetune_base: false`): the "
+                  "fine-tuned model has no like to be measured against."]
+    for item in scorer_disagreements(rows):
+        said = ", ".join(f"{spec}: {d}" for spec, d in item["directions"].items())
+        lines += ["", f"**The scorers disagree** {item['stage']} (against {item['against']}): "
+                  f"{said}."]
+    return lines + ["", "Ratios below 1 mean less toxic, more fluent (perplexity) or, for "
+                    "BLiMP, less capable; the references are measured with the same "
+                    "protocol.", ""]
+
+
 # --------------------------------------------------------------------------------------------
 # The whole report
 
@@ -265,15 +310,16 @@ def write_run_report(folder, recipe) -> Path:
     lineage = _read_json(folder.pruned / "lmprune.json") or {}
 
     def zeroed(name: str) -> int | None:
-        checkpoint = {"base": None, "pruned": folder.pruned,
-                      "finetuned": folder.finetuned}.get(name)
+        checkpoint = {"base": None, "pruned": folder.pruned, "finetuned": folder.finetuned,
+                      "base-finetuned": folder.base_finetuned}.get(name)
         if checkpoint is None and name.startswith("control-"):
             checkpoint = run_dir / name
         meta = _read_json(checkpoint / "lmprune.json") if checkpoint else None
         return (meta or {}).get("num_pruned", 0 if checkpoint else None)
 
     labels = {"base": "base (unpruned)", "pruned": "after pruning",
-              "finetuned": "after pruning + fine-tuning"}
+              "finetuned": "after pruning + fine-tuning",
+              "base-finetuned": "base + the same fine-tuning"}
 
     def label(name: str) -> str:
         if name in labels:
@@ -295,6 +341,7 @@ def write_run_report(folder, recipe) -> Path:
              "## Results", ""]
     lines += results_table(rows)
     lines += ["", protocol_text(base_ev), ""]
+    lines += like_for_like_section(folder, recipe)
     plot = plot_tradeoff([(label, ev) for label, _, ev, _ in rows], run_dir / PLOT_FILE)
     if plot is not None:
         lines += [f"![toxicity vs perplexity]({PLOT_FILE})", ""]

@@ -97,7 +97,8 @@ def _run_inline(argv: list[str]) -> tuple[int, str]:
 
 
 STAGES = ["collect", "locate", "prune", "control-1", "eval:base", "eval:pruned",
-          "eval:control-1", "finetune", "eval:finetuned", "report"]
+          "eval:control-1", "finetune", "finetune:base", "eval:finetuned",
+          "eval:base-finetuned", "report"]
 
 
 def test_the_chain_runs_end_to_end_and_prunes_the_planted_module(finished):
@@ -125,6 +126,10 @@ def test_the_chain_runs_end_to_end_and_prunes_the_planted_module(finished):
              for name in ("base", "pruned", "control-1", "finetuned")}
     assert share["base"] > 0.9 and share["control-1"] > 0.5, share
     assert share["pruned"] < 0.1 and share["finetuned"] < 0.1, share
+    # the base fine-tuned the same way (the fine-tuned model's like) keeps the behaviour
+    assert planted_share(out / "eval" / "base-finetuned.json") > 0.9
+    tuned = json.loads((out / "base-finetuned" / "lmprune.json").read_text())
+    assert tuned["history"][-1]["stage"] == "finetune" and not tuned.get("pruned_neurons")
 
 
 def test_report_has_the_table_plots_and_the_card(finished):
@@ -136,8 +141,16 @@ def test_report_has_the_table_plots_and_the_card(finished):
     row = next(line for line in report.splitlines() if line.startswith("| after pruning |"))
     assert f"{tp:.3f}" in row and f"{ppl:.2f}" in row
     for label in ("| base (unpruned) |", "| random control (seed 1) |",
-                  "| after pruning + fine-tuning |"):
+                  "| after pruning + fine-tuning |", "| base + the same fine-tuning |"):
         assert label in report
+    # each stage against its like, with the ratios computed from the two eval files
+    tuned, base_tuned = (json.loads((out / "eval" / f"{n}.json").read_text())
+                         for n in ("finetuned", "base-finetuned"))
+    like = next(line for line in report.splitlines()
+                if line.startswith("| after pruning + fine-tuning | the base model fine-tuned"))
+    ratio = (tuned["perplexity"]["sliding_window"]["token_perplexity"]
+             / base_tuned["perplexity"]["sliding_window"]["token_perplexity"])
+    assert f"| {ratio:.3f} |" in like
     assert "profanity_check" in report and "4 prompts" in report and "x 3 sampled" in report
     assert "Content warning" in report and "**Prompt:**" in report
     for link in ("toxicity_vs_perplexity.png", "modules_specificity.png",
@@ -169,9 +182,10 @@ def test_set_reruns_that_stage_and_the_later_ones_only(finished, tmp_path):
     assert code == 0
     states = stage_lines(text)
     assert [s for s in STAGES if states[s] == "skipped"] == [
-        "collect", "locate", "prune", "control-1", "finetune"]
+        "collect", "locate", "prune", "control-1", "finetune", "finetune:base"]
     assert [s for s in STAGES if states[s] == "started"] == [
-        "eval:base", "eval:pruned", "eval:control-1", "eval:finetuned", "report"]
+        "eval:base", "eval:pruned", "eval:control-1", "eval:finetuned", "eval:base-finetuned",
+        "report"]
     assert json.loads((out / "eval" / "base.json").read_text())["toxicity"][
         "samples_per_prompt"] == 2
     assert "x 2 sampled" in (out / "report.md").read_text()
