@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from lmprune.cli import main
 from lmprune.compare import CompareConfig, load_compare
 from lmprune.compare_report import frontier_below, targets
-from lmprune.evaluate.reference import scorer_disagreements, versus_reference
 from lmprune.errors import LmpruneError
+from lmprune.evaluate.reference import scorer_disagreements, versus_reference
 
 # tiny models run far faster on one thread when other work shares the 2 cores
 pytestmark = pytest.mark.usefixtures("one_thread")
