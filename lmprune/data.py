@@ -148,22 +148,28 @@ def _read_file(path: Path, options: dict, spec: str) -> list[str]:
     return [line.strip() for line in text.splitlines()]
 
 
-def _read_jsonl(path: Path, field: str, spec: str) -> list[str]:
-    texts = []
+def json_lines(path: Path):
+    """(line number, record) of each non-blank line of a JSON lines file; a line that is not
+    JSON is named."""
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as err:
-                raise LmpruneError(f"{path}:{lineno} is not valid JSON ({err.msg})") from err
-            value = dotted_get(record, field)
-            if not isinstance(value, str):
-                keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-                raise LmpruneError(f"corpus '{spec}': line {lineno} of {path} has no text field "
-                                   f"'{field}' (its keys: {keys}); choose one with ?field=NAME")
-            texts.append(value)
+                raise LmpruneError(f"{path}: line {lineno} is not valid JSON ({err.msg})") from err
+
+
+def _read_jsonl(path: Path, field: str, spec: str) -> list[str]:
+    texts = []
+    for lineno, record in json_lines(path):
+        value = dotted_get(record, field)
+        if not isinstance(value, str):
+            keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+            raise LmpruneError(f"corpus '{spec}': line {lineno} of {path} has no text field "
+                               f"'{field}' (its keys: {keys}); choose one with ?field=NAME")
+        texts.append(value)
     return texts
 
 

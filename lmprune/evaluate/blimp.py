@@ -15,7 +15,6 @@ Scored as lm-evaluation-harness scores its `blimp` tasks (multiple choice, empty
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lmprune.data import data_dir, texts_sha256
+from lmprune.data import data_dir, json_lines, texts_sha256
 from lmprune.errors import LmpruneError
 
 BLIMP_SPEC = "blimp"
@@ -97,23 +96,14 @@ def _read_jsonl(path: Path, spec: str) -> list[BlimpPair]:
         raise LmpruneError(f"BLiMP file not found: {path}; {hint}")
     pairs = []
     try:
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise LmpruneError(f"BLiMP {path}: line {lineno} is not valid JSON "
-                                       f"({err.msg})") from err
-                if not isinstance(record, dict):
-                    raise LmpruneError(f"BLiMP {path}: line {lineno} is not a JSON object")
-                for key in _REQUIRED:
-                    if not isinstance(record.get(key), str):
-                        raise LmpruneError(f"BLiMP {path}: line {lineno} has no text field "
-                                           f"'{key}' (each line needs "
-                                           f"{', '.join(_REQUIRED)})")
-                pairs.append(_pair(record))
+        for lineno, record in json_lines(path):
+            if not isinstance(record, dict):
+                raise LmpruneError(f"BLiMP {path}: line {lineno} is not a JSON object")
+            for key in _REQUIRED:
+                if not isinstance(record.get(key), str):
+                    raise LmpruneError(f"BLiMP {path}: line {lineno} has no text field "
+                                       f"'{key}' (each line needs {', '.join(_REQUIRED)})")
+            pairs.append(_pair(record))
     except UnicodeDecodeError as err:
         raise LmpruneError(f"BLiMP {path} is not UTF-8 text ({err.reason})") from err
     return pairs
