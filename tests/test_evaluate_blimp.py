@@ -90,7 +90,8 @@ def test_load_the_shared_file():
     for p in pairs:
         counts[p.uid] = counts.get(p.uid, 0) + 1
     assert set(counts.values()) == {3}
-    assert {"syntax", "morphology", "semantics", "syntax_semantics"} <= {p.field for p in pairs}
+    # four fields: the release's one "syntax/semantics" paradigm joins "syntax_semantics"
+    assert {p.field for p in pairs} == {"syntax", "morphology", "semantics", "syntax_semantics"}
     assert pairs[0] == BlimpPair("adjunct_island", "syntax", "island_effects",
                                  "Who should Derek hug after shocking Richard?",
                                  "Who should Derek hug Richard after shocking?")

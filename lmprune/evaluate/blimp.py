@@ -42,7 +42,7 @@ class BlimpPair:
     uid: str
     """The paradigm (one of 67 in the release), e.g. `adjunct_island`."""
     field: str
-    """syntax, morphology, semantics, syntax_semantics (one paradigm: syntax/semantics)."""
+    """syntax, morphology, semantics or syntax_semantics."""
     linguistics_term: str
     """The phenomenon, a grouping of paradigms, e.g. `island_effects`."""
     good: str
@@ -83,7 +83,10 @@ def load_blimp(spec: str = BLIMP_SPEC,
 
 
 def _pair(record: dict) -> BlimpPair:
-    return BlimpPair(record["UID"], record.get("field") or "unknown",
+    # the release spells one paradigm's field "syntax/semantics", the 13 others of that field
+    # "syntax_semantics": one field, so per-field figures are not split
+    field = (record.get("field") or "unknown").replace("/", "_")
+    return BlimpPair(record["UID"], field,
                      record.get("linguistics_term") or "unknown",
                      record["sentence_good"], record["sentence_bad"])
 
