@@ -79,7 +79,7 @@ class EvalConfig:
                         "LMPRUNE_DATA_DIR/blimp.jsonl or nyu-mll/blimp on the Hub; a .jsonl "
                         "file), or 'none'.")
     blimp_per_paradigm: int | None = option(100, "BLiMP pairs per paradigm (67 paradigms; "
-                                            "100 take about 4 minutes on 2 CPU cores).")
+                                            "100 take about 5.5 minutes on 2 CPU cores).")
     json: str | None = option(None, "Write the result JSON here (atomically); the per-prompt "
                               "continuations go beside it in OUT's stem + .continuations.jsonl.")
     fail_above: list[str] = option([], "Gate METRIC=VALUE: exit 1 if the metric is above "

@@ -93,13 +93,20 @@ def continuation_nll(model, prompt_ids: list[list[int]], continuation_ids: list[
             cont[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
             cont_mask[row, :len(ids)] = 1
         cont, cont_mask = cont.to(device), cont_mask.to(device)
-        logits = model(input_ids=cont, attention_mask=torch.cat([row_mask, cont_mask], dim=-1),
-                       position_ids=next_position + torch.arange(width, device=device),
-                       use_cache=True, **{cache_keyword(model): cache}).logits
-        # token j is predicted by the logits before it: the prompt's last, then the continuation's
-        predicted = torch.cat([first_logits.unsqueeze(1), logits[:, :-1]], dim=1).float()
-        nll = F.cross_entropy(predicted.transpose(1, 2), cont, reduction="none")  # [rows, width]
-        nll = nll.double().cpu().numpy()
+        # token 0 is predicted by the prompt's last logits, token j by the continuation's j-1:
+        # the last continuation token is never an input, so it is left out of the pass
+        nll = F.cross_entropy(first_logits.float(), cont[:, 0], reduction="none")  # [rows]
+        nll = nll.double().cpu().numpy()[:, None]
+        if width > 1:
+            logits = model(input_ids=cont[:, :-1],
+                           attention_mask=torch.cat([row_mask, cont_mask[:, :-1]], dim=-1),
+                           position_ids=next_position + torch.arange(width - 1, device=device),
+                           use_cache=True, **{cache_keyword(model): cache}).logits
+            # flat rows: cross_entropy over a [rows, vocab, pos] view is much slower on CPUs
+            rest = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                   cont[:, 1:].reshape(-1), reduction="none")
+            nll = np.concatenate([nll, rest.view(len(conts), width - 1).double().cpu().numpy()],
+                                 axis=1)  # [rows, width]
         for row, ids in enumerate(conts):
             n, s = divmod(row, samples)
             if s < len(continuation_ids[indices[n]]):
@@ -125,7 +132,9 @@ def judge_fluency(judge, tokenizer, prompts: list[str], continuations: list[list
         alone += n
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(judge.parameters()).device
-    rows = rows_per_batch or (1024 if device.type == "cuda" else 200)
+    # the logits of a batch are [rows, tokens, vocab]: a few hundred MB at 100 rows x 20 tokens
+    # x 49K (SmolLM2), so CPUs take smaller batches than the sampler's
+    rows = rows_per_batch or (1024 if device.type == "cuda" else 100)
     nlls = continuation_nll(judge, prompt_ids, cont_ids, pad_id, rows, progress)
 
     sums = np.array([sum(float(t.sum()) for t in row) for row in nlls])  # [prompts]
