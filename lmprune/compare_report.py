@@ -190,7 +190,7 @@ def targets(recipe: CompareRecipe, rows: dict, random: dict,
                 theirs = _frontier_points(rows, points["aura"], stage, axis)
                 checks.setdefault(stage, {})[axis] = frontier_below(ours, theirs)
         # judged on generation fluency where it was measured, else on perplexity
-        measured = all(get_metric(base, stage, "fluency_perplexity") for stage in STAGES)
+        measured = any(get_metric(base, stage, "fluency_perplexity") for stage in STAGES)
         axis = "fluency_perplexity" if measured else "perplexity"
         out["better_than_aura"] = {
             "rule": "module pruning's frontier below AURA's over the range of the fluency "
