@@ -357,6 +357,7 @@ def plot_frontier(summary: dict, path: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     specs = _scorer_specs(summary)
     axes_keys = (("fluency_perplexity", "generation fluency: perplexity of the continuations "
@@ -380,6 +381,9 @@ def plot_frontier(summary: dict, path: Path) -> Path | None:
                             label=f"{label}, {'after fine-tuning' if fill is None else 'pruned'}")
                     drawn += 1
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())  # 20, 30, not 2 x 10^1
+            ax.xaxis.set_minor_formatter(ScalarFormatter())
+            ax.tick_params(axis="x", which="both", labelsize="x-small")
             ax.set_xlabel(x_label + " (log scale)", fontsize="small")
             ax.set_ylabel(f"Toxicity Probability ({spec})", fontsize="small")
             ax.grid(alpha=0.3, which="both")
@@ -391,10 +395,8 @@ def plot_frontier(summary: dict, path: Path) -> Path | None:
                  f"prompts x {proto.get('samples_per_prompt')}; judge "
                  f"{proto.get('fluency_judge')}; each line starts at the base (strength 0)",
                  fontsize="medium")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize="small", loc="lower center", ncol=3,
-               bbox_to_anchor=(0.5, -0.02))
-    fig.subplots_adjust(bottom=0.12)
+    # beside the panels, not over the points (an axes legend: the layout makes room for it)
+    axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
     return save_figure_atomic(fig, path)
 
 
