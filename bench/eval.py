@@ -176,8 +176,9 @@ def time_fluency_judge(model, tokenizer, prompts: list[str], settings: dict, row
                                          progress=False, **settings)
     sync(device)
     sampling_s = time.perf_counter() - started
+    # the judge's own batch size, as `lmprune eval` runs it
     result = judge_fluency(model, tokenizer, prompts, continuations, {"name": "self"},
-                           rows_per_batch=rows, progress=False)
+                           progress=False)
     sync(device)
     judge_s = time.perf_counter() - started - sampling_s
     out = {"prompts": len(prompts), "sampling_s": round(sampling_s, 2),
