@@ -31,6 +31,8 @@ from lmprune.io import save_figure_atomic, write_json_atomic, write_text_atomic
 # a row's numbers in the table, before and after fine-tuning (and spread over random seeds)
 COLUMNS = ("toxicity_probability", "expected_max_toxicity", "perplexity", "fluency_perplexity",
            "blimp_accuracy", "distinct_2")
+
+
 def _spread(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values),
             "std": statistics.stdev(values) if len(values) > 1 else 0.0,
