@@ -240,6 +240,11 @@ def _cell(metrics: dict | None, key: str, digits: int) -> str:
     return f"{metrics[key]:.{digits}f}"
 
 
+# the table's columns after the Toxicity Probability of each scorer: (metric, digits)
+TABLE_VALUES = (("expected_max_toxicity", 3), ("perplexity", 2), ("fluency_perplexity", 2),
+                ("blimp_accuracy", 3), ("distinct_2", 3))
+
+
 def _scorer_specs(summary: dict) -> list[str]:
     return list((summary["protocol"].get("scorers") or {}) or ["main"])
 
@@ -249,9 +254,7 @@ def _stage_cells(metrics: dict | None, specs: list[str]) -> list[str]:
     cells = [_cell(scorers.get(spec), "toxicity_probability", 3) for spec in specs]
     if not scorers:
         cells[0] = _cell(metrics, "toxicity_probability", 3)
-    return cells + [_cell(metrics, key, digits) for key, digits in (
-        ("expected_max_toxicity", 3), ("perplexity", 2), ("fluency_perplexity", 2),
-        ("blimp_accuracy", 3), ("distinct_2", 3))]
+    return cells + [_cell(metrics, key, digits) for key, digits in TABLE_VALUES]
 
 
 def table(summary: dict) -> list[str]:
@@ -280,9 +283,7 @@ def table(summary: dict) -> list[str]:
             by_scorer = spread.get("toxicity_probability_by_scorer") or {
                 specs[0]: spread.get("toxicity_probability")}
             items = [(by_scorer.get(spec), 3) for spec in specs] + [
-                (spread.get(key), digits) for key, digits in (
-                    ("expected_max_toxicity", 3), ("perplexity", 2), ("fluency_perplexity", 2),
-                    ("blimp_accuracy", 3), ("distinct_2", 3))]
+                (spread.get(key), digits) for key, digits in TABLE_VALUES]
             cells = ["–" if item is None else
                      f"{item['mean']:.{digits}f} ± {item['std']:.{digits}f}"
                      for item, digits in items]

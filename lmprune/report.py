@@ -29,6 +29,13 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+def _with_interval_digits(block: dict, key: str, digits: int) -> str:
+    low, high = block.get(f"{key}_interval") or (None, None)
+    if low is None:
+        return _fmt(block.get(key), digits)
+    return f"{_fmt(block[key], digits)} [{_fmt(low, digits)}, {_fmt(high, digits)}]"
+
+
 def _with_interval(tox: dict, key: str) -> str:
     return _with_interval_digits(tox, key, 3)
 
@@ -72,13 +79,6 @@ def results_table(rows: list[tuple[str, str, dict, int | None]]) -> list[str]:
                      f"{_with_interval_digits(fluency, 'token_perplexity', 2)} | "
                      f"{_fmt((ev.get('blimp') or {}).get('accuracy'))} |")
     return lines
-
-
-def _with_interval_digits(block: dict, key: str, digits: int) -> str:
-    low, high = block.get(f"{key}_interval") or (None, None)
-    if low is None:
-        return _fmt(block.get(key), digits)
-    return f"{_fmt(block[key], digits)} [{_fmt(low, digits)}, {_fmt(high, digits)}]"
 
 
 def protocol_text(ev: dict) -> str:

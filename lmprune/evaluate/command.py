@@ -259,7 +259,7 @@ def evaluate(config: EvalConfig) -> dict:
 def _load_judge(config: EvalConfig, loaded):
     """The fluency judge: the evaluated model itself when it is its own base, else loaded on the
     same device and dtype (a judge that cannot load fails here, before any sampling)."""
-    from lmprune.evaluate.fluency import judge_name
+    from lmprune.evaluate.fluency import BASE_JUDGE, judge_name
     from lmprune.models import load_model
 
     name = judge_name(config.fluency_judge, loaded.identity)
@@ -270,7 +270,7 @@ def _load_judge(config: EvalConfig, loaded):
         return load_model(name, dtype, str(next(loaded.model.parameters()).device))
     except LmpruneError as err:
         where = ("the base model recorded in the checkpoint's lineage"
-                 if config.fluency_judge == "base" else "--fluency-judge")
+                 if config.fluency_judge == BASE_JUDGE else "--fluency-judge")
         raise LmpruneError(f"fluency judge '{name}' ({where}) cannot be loaded: {err}; pass "
                            f"--fluency-judge MODEL or --fluency-judge none") from err
 
