@@ -41,6 +41,7 @@ from lmprune.pipeline import (
     Stage,
     duration,
     execute_stages,
+    hold_out_general,
     record_recipe,
 )
 from lmprune.prune import PruneConfig
@@ -140,6 +141,10 @@ def parse_compare(values: dict, name: str) -> CompareRecipe:
     collect = stage(CollectConfig, "collect", _section(values, "collect"),
                     {"model", "out", "resume"})
     locate_values = _section(values, "locate")
+    finetune_values = values.get("finetune")
+    if isinstance(finetune_values, dict) and finetune_values.get("data"):
+        # general damage is measured on the text the model is then tuned on
+        locate_values = {"general": finetune_values["data"], **locate_values}
     locate = stage(LocateConfig, "locate", locate_values, {"model", "stats", "out"})
     evaluation = stage(EvalConfig, "eval", _section(values, "eval"), {"model", "json"})
     if evaluation.fail_above or evaluation.fail_below:
@@ -169,6 +174,7 @@ def parse_compare(values: dict, name: str) -> CompareRecipe:
                            {"model", "stats", "out"})
         rows.append(ModulesRow(str(row_name), dataclasses.replace(prune, mode="modules"),
                                row_locate))
+    finetune = hold_out_general(finetune, finetune_values, [locate] + [r.locate for r in rows])
     names = [r.name for r in rows]
     if compare.headline is not None and compare.headline not in names:
         raise LmpruneError(f"compare.headline: '{compare.headline}' is not one of the modules: "

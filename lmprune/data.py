@@ -9,6 +9,7 @@ A corpus spec is `SOURCE[?key=value&...]`:
     pairs.tsv?column=toxic                  a column of a tsv/csv file with a header row
     hf:allenai/real-toxicity-prompts?split=train&column=prompt.text&where=challenging
     hf:Salesforce/wikitext:wikitext-2-v1?split=test&column=text
+    wikitext2:valid + paradetox:neutral     a mix: the documents of each part, in order
 
 Named shortcuts read `$LMPRUNE_DATA_DIR` when it is set and the Hub otherwise.
 """
@@ -45,6 +46,7 @@ NAMED: dict[str, tuple[str, str]] = {
                        "hf:Salesforce/wikitext:wikitext-2-v1?split=test&column=text"),
 }
 _OPTIONS = {"split", "field", "column", "where", "keep_empty"}
+MIX = " + "
 
 
 @dataclass
@@ -110,8 +112,18 @@ def dotted_get(record, path: str):
     return record
 
 
+def mix_parts(spec: str) -> list[str]:
+    """The specs a mix `A + B` joins (one for a plain spec)."""
+    return [part.strip() for part in spec.split(MIX)]
+
+
 def load_corpus(spec: str, limit: int | None = None) -> Corpus:
     """Read the documents of `spec` (the first `limit` of them, if given)."""
+    parts = mix_parts(spec)
+    if len(parts) > 1:
+        loaded = [load_corpus(part) for part in parts]
+        texts = [t for corpus in loaded for t in corpus.texts][:limit]
+        return Corpus(spec, MIX.join(c.resolved for c in loaded), texts)
     resolved = resolve_spec(spec)
     source, options = _parse(resolved)
     if source.startswith("hf:"):

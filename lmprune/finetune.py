@@ -43,6 +43,9 @@ class FinetuneConfig:
     out: str | None = option(None, "Output checkpoint folder (required); checkpoints go to "
                              "OUT/checkpoints until the run ends.")
     max_docs: int | None = option(None, "Read at most this many documents of --data.")
+    holdout_last: int = option(0, "Leave the last N documents of --data out of training: the "
+                               "general text `lmprune locate --general` scored modules on "
+                               "(`lmprune run` and `compare` set it).")
     max_steps: int | None = option(None, "Optimizer steps (default: --epochs over the data).")
     epochs: float = option(1.0, "Passes over the packed data when --max-steps is not given.")
     lr: float = option(5e-5, "Peak learning rate (AdamW).")
@@ -318,7 +321,22 @@ def _check_config(config: FinetuneConfig) -> None:
             raise LmpruneError(f"--{name.replace('_', '-')} must be at least 1")
     if config.max_steps is not None and config.max_steps < 1:
         raise LmpruneError("--max-steps must be at least 1")
+    if config.holdout_last < 0:
+        raise LmpruneError("--holdout-last must be 0 or more")
 
+
+
+def training_corpus(spec: str, holdout_last: int, max_docs: int | None):
+    """The documents of `spec` fine-tuning trains on: all but the last `holdout_last`, then
+    the first `max_docs`."""
+    from lmprune.data import Corpus, load_corpus
+
+    corpus = load_corpus(spec)
+    if holdout_last >= len(corpus.texts):
+        raise LmpruneError(f"--holdout-last {holdout_last} leaves no document of --data {spec} "
+                           f"({len(corpus.texts)} documents) to train on")
+    texts = corpus.texts[:len(corpus.texts) - holdout_last][:max_docs]
+    return Corpus(corpus.spec, corpus.resolved, texts)
 
 
 def start_accelerator(device: str, seed: int, mixed_precision: str = "no"):
@@ -371,7 +389,6 @@ def finetune(config: FinetuneConfig, evaluate: Evaluator | None = None) -> Path:
     """
     from tqdm.auto import tqdm
 
-    from lmprune.data import load_corpus
     from lmprune.models import load_model, save_model
 
     _check_config(config)
@@ -386,7 +403,7 @@ def finetune(config: FinetuneConfig, evaluate: Evaluator | None = None) -> Path:
     mask = PruneMask(model, (meta or {}).get("pruned_neurons", {}))
     mask.apply(model)
 
-    corpus = load_corpus(config.data, config.max_docs)
+    corpus = training_corpus(config.data, config.holdout_last, config.max_docs)
     blocks = pack_blocks(tokenizer, corpus.texts, config.seq_len)  # [n_blocks, seq_len]
     order = BlockOrder(len(blocks), config.seed)
     per_step = config.batch_size * config.grad_accum * nproc

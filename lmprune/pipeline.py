@@ -89,6 +89,7 @@ WIRED: dict[str, set[str]] = {
 # Corpus specs a recipe names, checked before any work starts.
 CORPUS_KEYS: dict[str, list[str]] = {
     "collect": ["offensive", "clean"],
+    "locate": ["general"],
     "prune": ["offensive", "clean"],
     "eval": ["prompts", "ppl_data"],
     "finetune": ["data", "eval_prompts", "ppl_data"],
@@ -164,8 +165,23 @@ def parse_recipe(values: dict, name: str) -> Recipe:
         configs[section] = build_config(cls, given, where=section)
     if "finetune" not in values:
         configs["finetune"] = None
+    if configs["finetune"] is not None and "general" not in (values.get("locate") or {}):
+        configs["locate"] = dataclasses.replace(configs["locate"],
+                                                general=configs["finetune"].data)
+    configs["finetune"] = hold_out_general(configs["finetune"], values.get("finetune"),
+                                           [configs["locate"]])
     _check_options(configs["prune"], configs["eval"])
     return Recipe(name=name, run=run, values=values, **configs)
+
+
+def hold_out_general(finetune: FinetuneConfig | None, given: dict | None,
+                     locates: list[LocateConfig]) -> FinetuneConfig | None:
+    """Fine-tuning leaves out the general-text documents `locate` scored modules on (the last
+    `general_docs` of the fine-tuning corpus), unless the recipe says otherwise."""
+    if finetune is None or "holdout_last" in (given or {}):
+        return finetune
+    scored = [cfg.general_docs for cfg in locates if cfg.general == finetune.data]
+    return dataclasses.replace(finetune, holdout_last=max(scored, default=0))
 
 
 def _check_options(prune: PruneConfig, evaluation: EvalConfig) -> None:
@@ -190,7 +206,7 @@ def _check_options(prune: PruneConfig, evaluation: EvalConfig) -> None:
 
 def check_inputs(recipe: Recipe) -> None:
     """Refuse a missing model or local corpus file, and bad stage options, before any work."""
-    from lmprune.data import NAMED, resolve_spec
+    from lmprune.data import NAMED, mix_parts, resolve_spec
     from lmprune.evaluate.command import SKIP
     from lmprune.models import load_config
 
@@ -206,13 +222,14 @@ def check_inputs(recipe: Recipe) -> None:
             spec = getattr(config, key)
             if not spec or spec.lower() == SKIP:
                 continue
-            source = resolve_spec(spec).partition("?")[0]
-            if source.startswith("hf:"):
-                continue
-            if not Path(source).expanduser().is_file():
-                hint = (" (set LMPRUNE_DATA_DIR to the folder of the shared data sets)"
-                        if spec.partition("?")[0] in NAMED else "")
-                raise LmpruneError(f"{section}.{key}: corpus file not found: {source}{hint}")
+            for part in mix_parts(spec):
+                source = resolve_spec(part).partition("?")[0]
+                if source.startswith("hf:"):
+                    continue
+                if not Path(source).expanduser().is_file():
+                    hint = (" (set LMPRUNE_DATA_DIR to the folder of the shared data sets)"
+                            if part.partition("?")[0] in NAMED else "")
+                    raise LmpruneError(f"{section}.{key}: corpus file not found: {source}{hint}")
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), out: str | None = None,

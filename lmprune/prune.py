@@ -247,6 +247,11 @@ def parse_select(spec: str) -> Selection:
     raise LmpruneError(f"{usage}, not '{spec}'")
 
 
+def map_rule(mmap: dict) -> str:
+    """The score a module map ranks its modules by (`causal` for maps from before the rule)."""
+    return (mmap.get("rule") or {}).get("score", "causal")
+
+
 def rank_modules(modules: list[dict], rank_by: str) -> list[dict]:
     """Modules by `scores[rank_by]`, highest first (ties keep file order)."""
     missing = [m["id"] for m in modules if rank_by not in (m.get("scores") or {})]
@@ -265,12 +270,13 @@ def module_neurons(modules: list[dict]) -> NeuronSet:
 
 
 def select_modules(ranked: list[dict], selection: Selection, total_neurons: int,
-                   gap_fn=None) -> tuple[list[dict], dict]:
+                   gap_fn=None, rank_by: str = "causal") -> tuple[list[dict], dict]:
     """The chosen modules (in rank order) and what the rule saw.
 
     top:N       the first N modules;
     budget      modules in rank order while their union stays within the budget (a module that
-                would overshoot ends the selection);
+                would overshoot ends the selection) and their `rank_by` score is positive (a
+                module whose general damage outweighs its offensive effect is never worth it);
     ids         exactly these ids;
     target:X    modules in rank order until `gap_fn(neurons)` (offensive-vs-clean loss gap of
                 the pruned model) reaches X.
@@ -289,7 +295,8 @@ def select_modules(ranked: list[dict], selection: Selection, total_neurons: int,
                  else selection.value)
         chosen: list[dict] = []
         for module in ranked:
-            if count_neurons(module_neurons(chosen + [module])) > limit:
+            if (count_neurons(module_neurons(chosen + [module])) > limit
+                    or float(module["scores"][rank_by]) <= 0):
                 break
             chosen.append(module)
         return chosen, {"budget_neurons": int(limit)}
@@ -460,7 +467,9 @@ class PruneConfig:
     select: str | None = option(None, "Which modules: top:N, budget:P% (of all neurons), "
                                 "budget:N, ids:3,7,9, or target:X (loss gap; needs "
                                 "--offensive/--clean).")
-    rank_by: str = option("causal", "Module score (key of `scores`) that ranks the modules.")
+    rank_by: str = option("rule", "Module score (key of `scores`) that ranks the modules; "
+                          "rule: the module map's own rule (`guarded` where locate scored "
+                          "general text, else `causal`).")
     min_selectivity: float | None = option(None, "Only modules whose scores.selectivity (in "
                                            "[-1, 1]: 1 when only the offensive loss moves) is at "
                                            "least this; modules not ablated exactly have none "
@@ -507,13 +516,14 @@ def _selected(config: PruneConfig, loaded, nmap: NeuronMap, modules_path: str | 
     if selection.kind == "target":
         gap_fn = _target_gap_fn(config, loaded)
     modules = selective_modules(mmap["modules"], config.min_selectivity)
-    ranked = rank_modules(modules, config.rank_by)
-    chosen, info = select_modules(ranked, selection, sum(nmap.widths), gap_fn)
+    rank_by = map_rule(mmap) if config.rank_by == "rule" else config.rank_by
+    ranked = rank_modules(modules, rank_by)
+    chosen, info = select_modules(ranked, selection, sum(nmap.widths), gap_fn, rank_by)
     from lmprune.models import file_sha256
 
     record = {"path": str(modules_path), "sha256": file_sha256(modules_path),
               "ids": [m["id"] for m in chosen], "select": config.select,
-              "rank_by": config.rank_by, **info}
+              "rank_by": rank_by, **info}
     if config.min_selectivity is not None:
         record.update(min_selectivity=config.min_selectivity, eligible=len(modules))
     return chosen, record

@@ -16,6 +16,15 @@ def test_txt_lines_and_blank_separated(tmp_path):
     assert load_corpus(f"{f}?split=blank").texts == ["para one\nstill one", "para two"]
 
 
+def test_a_mix_joins_its_parts_in_order(tmp_path):
+    (tmp_path / "a.txt").write_text("a1\na2\n")
+    (tmp_path / "b.tsv").write_text("text\tother\nb1\tx\nb2\ty\n")
+    mix = load_corpus(f"{tmp_path / 'a.txt'} + {tmp_path / 'b.tsv'}?column=text", limit=3)
+    assert mix.texts == ["a1", "a2", "b1"]
+    with pytest.raises(LmpruneError, match="not found"):
+        load_corpus(f"{tmp_path / 'a.txt'} + {tmp_path / 'missing.txt'}")
+
+
 def test_jsonl_dotted_field_and_missing_field(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text("\n".join(json.dumps({"prompt": {"text": t}, "id": i})

@@ -30,6 +30,7 @@ from lmprune.finetune import (
     make_scheduler,
     pack_blocks,
     train_step,
+    training_corpus,
 )
 from lmprune.models import load_model, save_model
 from lmprune.prune import PruneMask
@@ -301,3 +302,12 @@ def test_cli_evaluator_measures_toxicity_and_perplexity_for_real(setup):
     assert metrics["perplexity"] == expected["sliding_window"]["token_perplexity"]
     assert evaluate(loaded.model, loaded.tokenizer, 10) == metrics
     assert build_evaluator(FinetuneConfig(eval_every=0)) is None
+
+
+def test_training_leaves_the_held_out_general_documents_out(tmp_path):
+    (tmp_path / "d.txt").write_text("".join(f"doc {i}\n" for i in range(10)))
+    spec = str(tmp_path / "d.txt")
+    assert training_corpus(spec, 3, None).texts == [f"doc {i}" for i in range(7)]
+    assert training_corpus(spec, 3, 2).texts == ["doc 0", "doc 1"]
+    with pytest.raises(LmpruneError, match="leaves no document"):
+        training_corpus(spec, 10, None)

@@ -43,7 +43,7 @@ def recipe_values(inputs: Path, out: Path) -> dict:
                         max_docs=40, coact_token_fraction=1.0, top_k_global=16,
                         checkpoint_every=1),
         "locate": dict(k=6, knn=7, heldout_docs=20, exact=4, controls=5, exact_controls=1,
-                       shuffles=3, clusterability_layers=1),
+                       shuffles=3, clusterability_layers=1, general_docs=8),
         "prune": dict(select="top:1", min_selectivity=0.5),
         "control": dict(seeds=[1]),
         "eval": evaluation,
@@ -282,6 +282,29 @@ def test_set_reaches_any_depth_and_fills_an_empty_section():
 
 RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml")
                  if not p.name.startswith("compare-"))  # comparisons: tests/test_compare.py
+
+
+def test_general_text_is_the_finetuning_corpus_and_held_out_of_it(inputs, tmp_path):
+    """locate's general damage is measured on the last documents of the fine-tuning corpus,
+    and fine-tuning (of the pruned model, the base and the controls) leaves them out."""
+    from lmprune.compare import parse_compare
+    from lmprune.pipeline import parse_recipe
+
+    values = recipe_values(inputs, tmp_path / "run")
+    recipe = parse_recipe(values, "r")
+    assert recipe.locate.general == str(inputs / "wiki.txt")
+    assert recipe.finetune.holdout_last == 8
+    values["locate"]["general"] = "none"
+    assert parse_recipe(values, "r").finetune.holdout_last == 0
+    values["locate"]["general"] = str(inputs / "clean.txt")  # another text: nothing to hold out
+    assert parse_recipe(values, "r").finetune.holdout_last == 0
+    values = {k: v for k, v in recipe_values(inputs, tmp_path / "c").items()
+              if k not in ("prune", "control")}
+    values["modules"] = {"a": {"select": "top:1"}, "b": {"select": "top:1",
+                                                         "locate": {"general_docs": 12}}}
+    comparison = parse_compare(values, "c")
+    assert comparison.locate.general == str(inputs / "wiki.txt")
+    assert comparison.finetune.holdout_last == 12
 
 
 def test_the_default_recipe_and_the_hub_one_are_shipped():

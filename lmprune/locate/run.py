@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,15 +20,26 @@ from lmprune.io import write_json_atomic
 from lmprune.locate.cluster import cluster, clusterability
 from lmprune.locate.graph import correlation_from_gram, knn_affinity
 from lmprune.locate.score import (
+    MATCHED,
     CausalScorer,
     TokenBatches,
     as_layer_dict,
+    derive_scores,
+    frequency_matched_weights,
     output_promotion,
+    rule_key,
     screen_and_score,
     toxic_token_ids,
 )
 
 MODULES_FORMAT_VERSION = 1
+RULES = {
+    "causal": "loss change on the offensive text minus that on the clean text",
+    "causal_matched": "loss change on the toxic tokens minus that on equally rare non-toxic "
+                      "tokens",
+    "guarded": "offensive effect (causal_matched where measured, else causal) minus "
+               "general_weight x the loss change on general text",
+}
 
 
 @dataclass
@@ -60,6 +72,19 @@ class LocateConfig:
                                  choices=["all", "toxic-tokens"])
     toxic_tokens: int = option(100, "Tokens most over-represented in the collected offensive "
                                "documents against the clean ones (smoothed log-odds).")
+    matched: bool = option(True, "With --offensive-loss toxic-tokens, set the toxic tokens' loss "
+                           "change against that of equally rare non-toxic tokens of the held-out "
+                           "texts (rarity: count in the collected clean documents), not against "
+                           "the mean over all clean tokens: damage raises rare tokens' loss most.")
+    general: str = option("wikitext2:valid", "Text the model must still write well (default the "
+                          "usual fine-tuning corpus): the loss change on its last "
+                          "--general-docs documents is the general damage of a module; 'none' "
+                          "to score without it. `lmprune run` sets the fine-tuning corpus and "
+                          "keeps these documents out of fine-tuning.")
+    general_docs: int = option(64, "Documents of --general scored (its last ones).")
+    general_weight: float = option(1.0, "Rule: guarded = offensive effect - this x general "
+                                   "damage (nats per token each); modules are screened, "
+                                   "candidates chosen and modules ranked by it.")
     exact: int = option(50, "Modules scored by real ablation (best first by the first-order "
                         "screen); the rest keep the first-order estimate.")
     controls: int = option(20, "Random same-layer, same-size neuron sets per module.")
@@ -128,6 +153,18 @@ def _heldout(spec: str, used: int, count: int) -> tuple[list[str], dict]:
                                         "overlaps_collected": start < used}
 
 
+def general_heldout(spec: str, count: int) -> tuple[list[str], dict]:
+    """The last `count` documents of the general corpus (fine-tuning leaves them out)."""
+    from lmprune.data import load_corpus
+
+    texts = load_corpus(spec).texts
+    if len(texts) <= count:
+        raise LmpruneError(f"--general {spec} has {len(texts)} documents; --general-docs "
+                           f"{count} would leave none for fine-tuning: lower --general-docs")
+    return texts[-count:], {"spec": spec, "first": len(texts) - count, "documents": count,
+                            "of": len(texts)}
+
+
 def _collected(corpus: dict) -> list[str]:
     """The documents a corpus of the stats manifest contributed."""
     from lmprune.data import load_corpus
@@ -162,26 +199,42 @@ def locate(cfg: LocateConfig) -> dict:
     if targets is not None and not toxic_ids:
         raise LmpruneError("--offensive-loss toxic-tokens: no token is over-represented in the "
                            "offensive corpus; use --offensive-loss all")
-    scorer = CausalScorer(
-        loaded.model,
-        TokenBatches.build(tok, off_texts, cfg.max_length, cfg.batch_size, device, targets),
-        TokenBatches.build(tok, clean_texts, cfg.max_length, cfg.batch_size, device),
-    )
-    if scorer.offensive.tokens == 0:
+    offensive = TokenBatches.build(tok, off_texts, cfg.max_length, cfg.batch_size, device,
+                                   targets)
+    clean = TokenBatches.build(tok, clean_texts, cfg.max_length, cfg.batch_size, device)
+    if offensive.tokens == 0:
         raise LmpruneError("the held-out offensive texts contain none of the toxic tokens: "
                            "raise --heldout-docs or use --offensive-loss all")
-    # one backward pass: the first-order causal score of every neuron (the screen, and the
+    if targets is not None and cfg.matched:
+        # like for like: non-toxic tokens of the held-out texts, weighted to the toxic targets'
+        # rarity in the collected clean documents
+        reference = Counter(t for text in _collected(corpora["clean"])
+                            for t in tok(text).input_ids)
+        weights = frequency_matched_weights(offensive.own_label_counts(),
+                                            offensive.label_counts() + clean.label_counts(),
+                                            reference, set(toxic_ids) | set(tok.all_special_ids),
+                                            len(tok))
+        offensive.add_view(MATCHED, weights)
+        clean.add_view(MATCHED, weights)
+    general, general_info = None, None
+    if cfg.general.lower() != "none":
+        general_texts, general_info = general_heldout(cfg.general, cfg.general_docs)
+        general = TokenBatches.build(tok, general_texts, cfg.max_length, cfg.batch_size, device)
+    scorer = CausalScorer(loaded.model, offensive, clean, general, cfg.general_weight)
+    # one backward pass per loss: the first-order scores of every neuron (the screen, and the
     # candidates to cluster when --candidates is set)
-    attribution = scorer.attribution()  # [L, W]
+    attribution = scorer.attribution_by_loss()  # {loss: [L, W]}
+    per_neuron = derive_scores(attribution, cfg.general_weight)  # {score: [L, W]}
+    rule = rule_key(per_neuron)
     candidates = None
     if cfg.candidates > 0:
         if cfg.scope != "layer":
             raise LmpruneError("--candidates applies to --scope layer (global scope has its "
                                "own candidates from collect)")
-        top = np.argsort(-attribution, axis=None, kind="stable")[:cfg.candidates]
-        candidates = np.zeros(attribution.size, dtype=bool)
+        top = np.argsort(-per_neuron[rule], axis=None, kind="stable")[:cfg.candidates]
+        candidates = np.zeros(per_neuron[rule].size, dtype=bool)
         candidates[top] = True
-        candidates = candidates.reshape(attribution.shape)
+        candidates = candidates.reshape(per_neuron[rule].shape)
     timings["attribution_s"] = time.time() - t0
 
     t0 = time.time()
@@ -233,30 +286,34 @@ def locate(cfg: LocateConfig) -> dict:
             "auroc_mean": float(auroc[rows, cols].mean()),
             "auroc_max": float(auroc[rows, cols].max()),
             "effect_size_mean": float(effect[rows, cols].mean()),
-            "causal_approx": res["causal_approx"],
+            **{f"{k}_approx": v for k, v in res["approx_scores"].items()},
             **{f"approx_{k}": v for k, v in res["approx"].items()},
+            **{f"{rule}_approx_{k}": v for k, v in res.get("approx_rule", {}).items()},
         }
         if promotion is not None:
             # promotion of toxic tokens, weighted by how the neuron fires on offensive text
             scores["output_toxicity"] = float((promotion[rows, cols] * off_mean[rows, cols])
                                               .mean())
             scores["output_promotion"] = float(promotion[rows, cols].mean())
+        measured = set(res["approx_scores"]) | {"selectivity"}
         if "causal" in res:
-            scores.update(causal=res["causal"], loss_delta_offensive=res["loss_delta_offensive"],
-                          loss_delta_clean=res["loss_delta_clean"],
-                          selectivity=res["selectivity"], causal_measured="ablation")
+            scores.update({k: res[k] for k in measured if k in res}, causal_measured="ablation")
         else:
-            scores.update(causal=res["causal_approx"], causal_measured="first-order")
+            scores.update(res["approx_scores"], causal_measured="first-order")
         if "exact" in res:
             scores.update(res["exact"])
             scores["control_values"] = res["exact_control_values"]
+            if "exact_rule" in res:
+                scores.update({f"{rule}_{k}": v for k, v in res["exact_rule"].items()})
+                scores[f"{rule}_control_values"] = res["exact_rule_values"]
         else:
             scores.update(res["approx"])
+            scores.update({f"{rule}_{k}": v for k, v in res.get("approx_rule", {}).items()})
         records.append({"members": [list(m) for m in members], "size": len(members),
                         "layers": sorted({m[0] for m in members}), "scores": scores})
-    # exact scores first (best first), then the first-order-only ones
+    # exact scores first (best by the rule first), then the first-order-only ones
     records.sort(key=lambda r: (r["scores"]["causal_measured"] != "ablation",
-                                -r["scores"]["causal"]))
+                                -r["scores"][rule]))
     for i, r in enumerate(records):
         r["id"] = i
 
@@ -270,14 +327,18 @@ def locate(cfg: LocateConfig) -> dict:
         "stats": {"path": str(Path(cfg.stats).resolve()),
                   "manifest_sha256": file_sha256(Path(cfg.stats) / "manifest.json")},
         "settings": asdict(cfg),
-        "heldout": {"offensive": off_info, "clean": clean_info,
+        "heldout": {"offensive": off_info, "clean": clean_info, "general": general_info,
                     "offensive_loss": cfg.offensive_loss,
-                    "tokens": {"offensive": scorer.offensive.tokens,
-                               "clean": scorer.clean.tokens},
-                    "base_loss": {"offensive": scorer.base[0], "clean": scorer.base[1]}},
+                    "tokens": {"offensive": offensive.tokens, "clean": clean.tokens,
+                               **({"general": general.tokens} if general else {}),
+                               **({MATCHED: scorer.totals[MATCHED]}
+                                  if MATCHED in scorer.totals else {})},
+                    "base_loss": scorer.base},
+        "rule": {"score": rule, "general_weight": cfg.general_weight,
+                 "definition": RULES[rule]},
         "toxic_tokens": [tok.decode([t]) for t in toxic_ids[:50]],
         "candidates": None if candidates is None else {
-            "count": cfg.candidates, "rule": "highest first-order causal score",
+            "count": cfg.candidates, "rule": f"highest first-order {rule}",
             "per_layer": candidates.sum(axis=1).tolist()},
         "modules": records,
         "controls": {"num_random_sets": cfg.controls, "sampling": "same layers, same per-layer "
@@ -310,11 +371,11 @@ def _aggregate(per_graph: dict[int, dict]) -> dict:
 
 def run(cfg: LocateConfig) -> int:
     result = locate(cfg)
-    best = result["modules"][0]
+    best, rule = result["modules"][0], result["rule"]["score"]
     clus = result["clusterability"]
     print(f"{len(result['modules'])} modules -> {cfg.out}; best: id {best['id']}, "
-          f"{best['size']} neurons in layers {best['layers']}, causal "
-          f"{best['scores']['causal']:+.4f} (control z {best['scores']['control_z']:+.2f}); "
+          f"{best['size']} neurons in layers {best['layers']}, {rule} "
+          f"{best['scores'][rule]:+.4f} (causal control z {best['scores']['control_z']:+.2f}); "
           f"clusterability z {clus.get('z', float('nan')):+.2f}")
     return 0
 

@@ -3,15 +3,20 @@
 The causal effect of a neuron set S is what zeroing it does to the language-model loss:
     causal(S) = [loss_off(S zeroed) - loss_off] - [loss_clean(S zeroed) - loss_clean]
 A module that writes offensive text raises the offensive loss far more than the clean loss.
-It is measured exactly (a forward pass with S zeroed) for the candidates that matter, and
-screened for every module by a first-order estimate from one backward pass: with a gate g = 1
-multiplying each activation, zeroing neuron j changes the loss by about -dL/dg_j.
+Two guards keep generic damage from passing as offensive-specific:
+- like for like: with a loss over a few rare toxic tokens, the reference is the loss change on
+  non-toxic tokens of the same rarity (`matched`), not on every token of the clean text;
+- general text: the loss change on held-out documents of the text the model must still write
+  well (`general`); the selection rule `guarded` = offensive effect - weight x general damage.
+Effects are measured exactly (a forward pass with S zeroed) for the candidates that matter, and
+screened for every module by a first-order estimate from one backward pass per loss: with a gate
+g = 1 multiplying each activation, zeroing neuron j changes a loss by about -dL/dg_j.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -22,6 +27,9 @@ from lmprune.arch import NeuronMap
 from lmprune.hooks import NeuronHooks
 
 Neurons = dict[int, list[int]]  # {layer: [neuron, ...]}
+# the loss a corpus's own positions give (the offensive, clean or general loss)
+OWN = "own"
+MATCHED = "matched"
 
 
 def as_layer_dict(members: list[tuple[int, int]]) -> Neurons:
@@ -33,95 +41,218 @@ def as_layer_dict(members: list[tuple[int, int]]) -> Neurons:
 
 @dataclass
 class TokenBatches:
-    """Pre-tokenized held-out texts: right-padded batches with NLL labels (-100 on padding)."""
+    """Pre-tokenized held-out texts: right-padded batches with NLL labels (-100 on padding),
+    and the weight of each predicted position in each loss ("view") the texts contribute to."""
 
     batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (ids, mask, labels)
-    tokens: int
+    weights: list[dict[str, torch.Tensor]] = field(default_factory=list)  # view -> [b, pos-1]
 
     @classmethod
     def build(cls, tokenizer, texts: list[str], max_length: int, batch_size: int,
               device: str, targets: list[int] | None = None) -> TokenBatches:
-        """`targets`: score only the positions that predict one of these tokens (the loss on
-        offensive words rather than on every word of an offensive sentence)."""
-        batches, tokens = [], 0
+        """`targets`: the own loss counts only the positions that predict one of these tokens
+        (the loss on offensive words rather than on every word of an offensive sentence)."""
+        batches, weights = [], []
         tokenizer.padding_side = "right"
         keep = torch.as_tensor(targets) if targets is not None else None
+        # texts of similar length share a batch: less padding (the losses are sums over tokens)
+        lengths = [len(ids) for ids in tokenizer(texts, truncation=True,
+                                                 max_length=max_length).input_ids]
+        texts = [texts[i] for i in np.argsort(lengths, kind="stable")]
         for i in range(0, len(texts), batch_size):
             enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True,
                             truncation=True, max_length=max_length)
             labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+            scored = labels[:, 1:] != -100
             if keep is not None:
-                labels = labels.masked_fill(~torch.isin(labels, keep), -100)
-            tokens += int((labels[:, 1:] != -100).sum())
+                scored &= torch.isin(labels[:, 1:], keep)
             batches.append((enc.input_ids.to(device), enc.attention_mask.to(device),
                             labels.to(device)))
-        return cls(batches, tokens)
+            weights.append({OWN: scored.float().to(device)})
+        return cls(batches, weights)
+
+    @property
+    def tokens(self) -> int:
+        """Positions the own loss counts."""
+        return int(sum(float(w[OWN].sum()) for w in self.weights))
+
+    def label_counts(self) -> Counter:
+        """How often each token is predicted (every non-padding position)."""
+        counts: Counter = Counter()
+        for _, _, labels in self.batches:
+            counts.update(t for t in labels[:, 1:].flatten().tolist() if t != -100)
+        return counts
+
+    def own_label_counts(self) -> Counter:
+        """How often each token is predicted at the positions the own loss counts."""
+        counts: Counter = Counter()
+        for (_, _, labels), w in zip(self.batches, self.weights, strict=True):
+            counts.update(labels[:, 1:][w[OWN] > 0].tolist())
+        return counts
+
+    def add_view(self, name: str, token_weights: torch.Tensor) -> None:
+        """A further loss over these texts: each position weighted by the weight of the token
+        it predicts (`token_weights` [vocab]; padding gets 0)."""
+        for (_, _, labels), w in zip(self.batches, self.weights, strict=True):
+            target = labels[:, 1:]
+            table = token_weights.to(target.device)
+            w[name] = torch.where(target == -100, 0.0, table[target.clamp_min(0)])
+
+
+def frequency_matched_weights(targets: Counter, pool: Counter, reference: Counter,
+                              exclude: set[int], vocab: int) -> torch.Tensor:
+    """Per-token weights [vocab] of non-target tokens whose weighted pool has the same
+    distribution of rarity (log2 of the count in `reference`) as the target positions.
+
+    `targets`: target token -> positions; `pool`: candidate token -> positions. A rarity bin the
+    pool does not cover borrows the nearest one that it does."""
+    def rarity(token: int) -> int:
+        return int(np.log2(reference[token] + 1))
+
+    have: dict[int, float] = defaultdict(float)
+    for token, n in pool.items():
+        if token not in exclude:
+            have[rarity(token)] += n
+    weights = torch.zeros(vocab)
+    if not have:
+        return weights
+    mass: dict[int, float] = defaultdict(float)
+    for token, n in targets.items():
+        b = rarity(token)
+        mass[min(have, key=lambda h: (abs(h - b), h))] += n
+    for token in pool:
+        if token not in exclude and mass.get(rarity(token)):
+            weights[token] = mass[rarity(token)] / have[rarity(token)]
+    return weights
+
+
+def position_nll(model: nn.Module, ids, mask, labels) -> torch.Tensor:
+    """Next-token NLL of every position [batch, pos-1] (0 on padding)."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # [batch, pos-1, vocab]
+    return nn.functional.cross_entropy(logits.float().transpose(1, 2), labels[:, 1:],
+                                       ignore_index=-100, reduction="none")
 
 
 def summed_nll(model: nn.Module, ids, mask, labels) -> torch.Tensor:
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # [batch, pos-1, vocab]
-    return nn.functional.cross_entropy(logits.float().transpose(1, 2), labels[:, 1:],
-                                       ignore_index=-100, reduction="sum")
+    return position_nll(model, ids, mask, labels).sum()
+
+
+def derive_scores(delta: dict, general_weight: float = 1.0) -> dict:
+    """The scores of a set of zeroed neurons from its loss changes (floats, or [L, W] arrays of
+    first-order per-neuron estimates: every score but selectivity is linear in them).
+
+    causal            offensive minus clean loss change (the contrast corpora);
+    causal_matched    offensive minus frequency-matched non-toxic loss change (like for like);
+    offensive_effect  causal_matched where the matched loss exists, else causal;
+    general_damage    the loss change on general text;
+    guarded           offensive_effect - general_weight x general_damage (the selection rule:
+                      offensive effect bought with as little general damage as possible)."""
+    off, clean = delta["offensive"], delta["clean"]
+    out = {"causal": off - clean, "loss_delta_offensive": off, "loss_delta_clean": clean}
+    out["offensive_effect"] = out["causal"]
+    if MATCHED in delta:
+        out["loss_delta_matched"] = delta[MATCHED]
+        out["causal_matched"] = out["offensive_effect"] = off - delta[MATCHED]
+    if "general" in delta:
+        out["general_damage"] = out["loss_delta_general"] = delta["general"]
+        out["guarded"] = out["offensive_effect"] - general_weight * delta["general"]
+    return out
+
+
+def rule_key(scores: dict) -> str:
+    """The score modules are screened and ranked by: the most guarded one measured."""
+    return next(k for k in ("guarded", "causal_matched", "causal") if k in scores)
 
 
 class CausalScorer:
-    """Loss of a model on held-out offensive and clean text, with neuron sets zeroed."""
+    """Losses of a model on held-out offensive, clean (and general) text, with neuron sets
+    zeroed. Views of the same name pool over corpora (the matched loss spans both)."""
 
-    def __init__(self, model: nn.Module, offensive: TokenBatches, clean: TokenBatches):
-        self.model, self.offensive, self.clean = model, offensive, clean
+    def __init__(self, model: nn.Module, offensive: TokenBatches, clean: TokenBatches,
+                 general: TokenBatches | None = None, general_weight: float = 1.0):
+        self.model, self.offensive, self.clean, self.general = model, offensive, clean, general
+        self.corpora = {"offensive": offensive, "clean": clean}
+        if general is not None:
+            self.corpora["general"] = general
+        self.general_weight = general_weight
         self.nmap = NeuronMap(model)
+        self.totals: dict[str, float] = defaultdict(float)  # loss -> positions' total weight
+        for key, w in self._weighted():
+            self.totals[key] += float(w.sum())
         self.base = self.losses({})
 
+    def _weighted(self):
+        """(loss name, weights [b, pos-1]) of every view of every batch, corpus by corpus."""
+        for name, data in self.corpora.items():
+            for views in data.weights:
+                for view, w in views.items():
+                    yield (name if view == OWN else view), w
+
     @torch.no_grad()
-    def _loss(self, data: TokenBatches, zero: Neurons) -> float:
-        index = {layer: torch.as_tensor(idx, device=data.batches[0][0].device)
-                 for layer, idx in zero.items() if idx}
+    def losses(self, zero: Neurons) -> dict[str, float]:
+        """Mean NLL of each loss with the `zero` neurons silenced."""
+        device = self.offensive.batches[0][0].device
+        index = {layer: torch.as_tensor(idx, device=device) for layer, idx in zero.items() if idx}
 
         def ablate(layer, acts):  # acts [batch, pos, d_mlp]
             if layer in index:
                 return acts.index_fill(-1, index[layer], 0.0)
             return None
 
-        total = 0.0
+        sums: dict[str, float] = defaultdict(float)
         with NeuronHooks(self.model, ablate, neuron_map=self.nmap):
-            for ids, mask, labels in data.batches:
-                total += float(summed_nll(self.model, ids, mask, labels))
-        return total / data.tokens
-
-    def losses(self, zero: Neurons) -> tuple[float, float]:
-        return self._loss(self.offensive, zero), self._loss(self.clean, zero)
+            for name, data in self.corpora.items():
+                for (ids, mask, labels), views in zip(data.batches, data.weights, strict=True):
+                    nll = position_nll(self.model, ids, mask, labels)  # [batch, pos-1]
+                    for view, w in views.items():
+                        key = name if view == OWN else view
+                        sums[key] += float((nll * w).sum())
+        return {k: sums[k] / self.totals[k] for k in sums if self.totals[k] > 0}
 
     def effect(self, zero: Neurons) -> dict:
-        off, clean = self.losses(zero)
-        d_off, d_clean = off - self.base[0], clean - self.base[1]
+        loss = self.losses(zero)
+        delta = {k: loss[k] - self.base[k] for k in self.base}
+        out = derive_scores(delta, self.general_weight)
         # selectivity in [-1, 1]: 1 when only the offensive loss moves; pruning by `causal`
         # alone favours neurons that hurt everything a bit more on offensive text
+        d_off, d_clean = delta["offensive"], delta["clean"]
         spread = abs(d_off) + abs(d_clean)
-        return {"causal": d_off - d_clean, "loss_delta_offensive": d_off,
-                "loss_delta_clean": d_clean,
-                "selectivity": (d_off - d_clean) / spread if spread > 0 else 0.0}
+        out["selectivity"] = (d_off - d_clean) / spread if spread > 0 else 0.0
+        return out
 
-    def attribution(self) -> np.ndarray:
-        """First-order causal score of zeroing each neuron alone: [L, W] (off minus clean)."""
+    def attribution_by_loss(self) -> dict[str, np.ndarray]:
+        """First-order loss change of zeroing each neuron alone, per loss: {name: [L, W]}."""
         widths = self.nmap.widths
+        device = self.offensive.batches[0][0].device
+        totals = self.totals
         params = [p for p in self.model.parameters() if p.requires_grad]
         for p in params:
             p.requires_grad_(False)
+        grads = {key: [torch.zeros(w, dtype=torch.float64, device=device) for w in widths]
+                 for key in totals if totals[key] > 0}
+        bar = tqdm(total=sum(len(d.batches) for d in self.corpora.values()),
+                   desc="first-order scores", unit="batch")
         try:
-            result = []
-            for data in (self.offensive, self.clean):
-                gates = [torch.ones(w, device=data.batches[0][0].device, requires_grad=True)
-                         for w in widths]
+            for name, data in self.corpora.items():
+                gates = [torch.ones(w, device=device, requires_grad=True) for w in widths]
                 with NeuronHooks(self.model, lambda layer, acts, g=gates: acts * g[layer],
                                  neuron_map=self.nmap):
-                    for ids, mask, labels in data.batches:
-                        (summed_nll(self.model, ids, mask, labels) / data.tokens).backward()
-                # zeroing g_j from 1 to 0 changes the loss by about -dL/dg_j
-                result.append(-torch.stack([g.grad for g in gates]).cpu().double().numpy())
+                    for (ids, mask, labels), views in zip(data.batches, data.weights,
+                                                          strict=True):
+                        nll = position_nll(self.model, ids, mask, labels)  # [batch, pos-1]
+                        live = [(name if v == OWN else v, w) for v, w in views.items()]
+                        live = [(k, w) for k, w in live if k in grads]
+                        for n, (key, w) in enumerate(live):
+                            parts = torch.autograd.grad((nll * w).sum() / totals[key], gates,
+                                                        retain_graph=n < len(live) - 1)
+                            for acc, g in zip(grads[key], parts, strict=True):
+                                acc -= g.double()  # zeroing g_j from 1 to 0: about -dL/dg_j
+                        bar.update(1)
         finally:
+            bar.close()
             for p in params:
                 p.requires_grad_(True)
-        return result[0] - result[1]
+        return {key: torch.stack(g).cpu().numpy() for key, g in grads.items()}
 
 
 def random_control_sets(members: Neurons, widths: list[int], count: int,
@@ -190,26 +321,37 @@ def output_promotion(model: nn.Module, toxic_ids: list[int]) -> np.ndarray:
 
 def screen_and_score(scorer: CausalScorer, modules: list[Neurons], exact: int, controls: int,
                      exact_controls: int, seed: int,
-                     attribution: np.ndarray | None = None) -> list[dict]:
-    """Causal scores of every module, exact for the `exact` best screened, with controls.
+                     attribution: dict[str, np.ndarray] | None = None) -> list[dict]:
+    """Scores of every module, exact for the `exact` best screened, with controls.
 
-    Controls are random same-layer sets of the same size. Every module gets first-order
-    (attribution) controls; the `exact_controls` best also get exactly measured ones.
+    The screen ranks modules by the first-order estimate of the rule's score (`rule_key`:
+    guarded where general text is scored). Controls are random same-layer sets of the same
+    size. Every module gets first-order controls; the `exact_controls` best also get exactly
+    measured ones. Control statistics are of `causal` and of the rule's score.
     """
     if attribution is None:
-        attribution = scorer.attribution()  # [L, W]
+        attribution = scorer.attribution_by_loss()  # {loss: [L, W]}
+    per_neuron = derive_scores(attribution, scorer.general_weight)  # {score: [L, W]}
+    key = rule_key(per_neuron)
     widths = scorer.nmap.widths
     rng = np.random.default_rng(seed)
 
-    def approx(neurons: Neurons) -> float:
-        return float(sum(attribution[layer, idx].sum() for layer, idx in neurons.items()))
+    def approx(neurons: Neurons, score: str) -> float:
+        return float(sum(per_neuron[score][layer, idx].sum() for layer, idx in neurons.items()))
 
     results = []
     for members in modules:
         sets = random_control_sets(members, widths, controls, rng)
-        results.append({"members": members, "controls": sets, "causal_approx": approx(members),
-                        "approx": control_summary(approx(members), [approx(s) for s in sets])})
-    order = np.argsort([-r["causal_approx"] for r in results])
+        res = {"members": members, "controls": sets,
+               "approx_scores": {s: approx(members, s) for s in per_neuron},
+               "approx": control_summary(approx(members, "causal"),
+                                         [approx(s, "causal") for s in sets])}
+        res["causal_approx"] = res["approx_scores"]["causal"]
+        if key != "causal":
+            res["approx_rule"] = control_summary(res["approx_scores"][key],
+                                                 [approx(s, key) for s in sets])
+        results.append(res)
+    order = np.argsort([-r["approx_scores"][key] for r in results], kind="stable")
     n_exact = min(exact, len(results))
     bar = tqdm(total=n_exact + min(exact_controls, n_exact) * controls, desc="causal scoring",
                unit="ablation")
@@ -218,11 +360,15 @@ def screen_and_score(scorer: CausalScorer, modules: list[Neurons], exact: int, c
         res.update(scorer.effect(res["members"]))
         bar.update(1)
         if rank < exact_controls:
-            values = []
+            effects = []
             for control in res["controls"]:
-                values.append(scorer.effect(control)["causal"])
+                effects.append(scorer.effect(control))
                 bar.update(1)
+            values = [e["causal"] for e in effects]
             res["exact"] = control_summary(res["causal"], values)
             res["exact_control_values"] = values
+            if key != "causal":
+                res["exact_rule"] = control_summary(res[key], [e[key] for e in effects])
+                res["exact_rule_values"] = [e[key] for e in effects]
     bar.close()
     return results
