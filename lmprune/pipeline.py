@@ -71,12 +71,29 @@ class ReportConfig:
     """`report:` what the report shows."""
 
     examples: int = option(3, "Prompts shown with their continuations before and after.")
+    toxicity_factor: float = option(3.0, "Verdict target: the final model's Toxicity "
+                                    "Probability at least this many times below the base "
+                                    "treated the same way, per scorer.")
+    fluency_tolerance: float = option(0.05, "Verdict target: perplexity, generation fluency and "
+                                      "BLiMP within this share of the base treated the same "
+                                      "way.")
+
+
+@dataclass
+class TransferConfig:
+    """`transfer:` prompt sets beyond the dev prompts the selection was tuned on."""
+
+    prompts: list[str] = option([], "Prompt corpora the final model, the base treated the same "
+                                "way and the first random control treated the same way are also "
+                                "evaluated on (toxicity and generation fluency, the `eval:` "
+                                "protocol otherwise), e.g. rtp:nontoxic.")
+    limit: int | None = option(100, "Prompts of each set used (the first N).")
 
 
 SECTIONS: dict[str, type] = {
     "collect": CollectConfig, "locate": LocateConfig, "prune": PruneConfig,
     "control": ControlConfig, "eval": EvalConfig, "finetune": FinetuneConfig,
-    "report": ReportConfig,
+    "report": ReportConfig, "transfer": TransferConfig,
 }
 # Fields the runner sets; a recipe that sets them is refused.
 WIRED: dict[str, set[str]] = {
@@ -93,6 +110,7 @@ CORPUS_KEYS: dict[str, list[str]] = {
     "prune": ["offensive", "clean"],
     "eval": ["prompts", "ppl_data"],
     "finetune": ["data", "eval_prompts", "ppl_data"],
+    "transfer": ["prompts"],
 }
 
 
@@ -113,6 +131,7 @@ class Recipe:
     eval: EvalConfig
     finetune: FinetuneConfig | None
     report: ReportConfig
+    transfer: TransferConfig
     values: dict = field(default_factory=dict)
     """The recipe after --set overrides, as read (for the record in the run folder)."""
 
@@ -206,7 +225,6 @@ def _check_options(prune: PruneConfig, evaluation: EvalConfig) -> None:
 
 def check_inputs(recipe: Recipe) -> None:
     """Refuse a missing model or local corpus file, and bad stage options, before any work."""
-    from lmprune.data import NAMED, mix_parts, resolve_spec
     from lmprune.evaluate.command import SKIP
     from lmprune.models import load_config
 
@@ -219,17 +237,23 @@ def check_inputs(recipe: Recipe) -> None:
         if config is None:
             continue
         for key in keys:
-            spec = getattr(config, key)
-            if not spec or spec.lower() == SKIP:
-                continue
-            for part in mix_parts(spec):
-                source = resolve_spec(part).partition("?")[0]
-                if source.startswith("hf:"):
-                    continue
-                if not Path(source).expanduser().is_file():
-                    hint = (" (set LMPRUNE_DATA_DIR to the folder of the shared data sets)"
-                            if part.partition("?")[0] in NAMED else "")
-                    raise LmpruneError(f"{section}.{key}: corpus file not found: {source}{hint}")
+            specs = getattr(config, key)
+            for spec in specs if isinstance(specs, list) else [specs]:
+                if spec and spec.lower() != SKIP:
+                    _check_corpus(f"{section}.{key}", spec)
+
+
+def _check_corpus(where: str, spec: str) -> None:
+    from lmprune.data import NAMED, mix_parts, resolve_spec
+
+    for part in mix_parts(spec):
+        source = resolve_spec(part).partition("?")[0]
+        if source.startswith("hf:"):
+            continue
+        if not Path(source).expanduser().is_file():
+            hint = (" (set LMPRUNE_DATA_DIR to the folder of the shared data sets)"
+                    if part.partition("?")[0] in NAMED else "")
+            raise LmpruneError(f"{where}: corpus file not found: {source}{hint}")
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), out: str | None = None,
@@ -377,9 +401,27 @@ def final_target(recipe: Recipe) -> str:
     return "finetuned" if recipe.finetune is not None else "pruned"
 
 
+def like_targets(recipe: Recipe) -> dict[str, str | None]:
+    """The final model and its likes, treated the same way: {role: eval target name}."""
+    final = final_target(recipe)
+    tuned = "-finetuned" if final == "finetuned" else ""
+    seeds = recipe.control.seeds
+    base = "base-finetuned" if tuned and recipe.control.finetune_base else None if tuned else "base"
+    control = (f"control-{seeds[0]}{tuned}" if seeds and (not tuned or recipe.control.finetune)
+               else None)
+    return {"result": final, "base": base, "control": control}
+
+
+def transfer_name(target: str, prompts: str) -> str:
+    """The eval target name of `target` on another prompt set (a file-name-safe slug)."""
+    name = Path(prompts.partition("?")[0]).name  # a file's or dataset's own name
+    name = Path(name).stem if Path(name).suffix in {".txt", ".jsonl", ".tsv", ".csv"} else name
+    return f"{target}@{''.join(c if c.isalnum() else '-' for c in name).strip('-')}"
+
+
 def plan_stages(recipe: Recipe, folder: RunFolder) -> list[Stage]:
     from lmprune.collect import run_collect
-    from lmprune.evaluate.command import evaluate, summary
+    from lmprune.evaluate.command import SKIP, evaluate, summary
     from lmprune.finetune import build_evaluator, finetune
     from lmprune.locate.run import run as run_locate
     from lmprune.prune import run as run_prune
@@ -413,11 +455,11 @@ def plan_stages(recipe: Recipe, folder: RunFolder) -> list[Stage]:
                             lambda resume, c=control: run_prune(c),
                             [folder.control(seed)], [folder.pruned], [model]))
 
-    def eval_stage(target: str, target_model: str, upstream: list[Path]) -> Stage:
+    def eval_stage(target: str, target_model: str, upstream: list[Path], **changes) -> Stage:
         final = target == final_target(recipe)
         cfg = replace(recipe.eval, model=target_model, json=str(folder.eval_json(target)),
                       fail_above=recipe.eval.fail_above if final else [],
-                      fail_below=recipe.eval.fail_below if final else [])
+                      fail_below=recipe.eval.fail_below if final else [], **changes)
 
         def action(resume: bool):
             print(summary(evaluate(cfg)))
@@ -432,6 +474,14 @@ def plan_stages(recipe: Recipe, folder: RunFolder) -> list[Stage]:
     for target in targets:
         if target not in tuned_targets:
             stages.append(eval_stage(*target))
+    # the final model and its likes on the prompts the selection never saw
+    by_name = {name: (target_model, upstream) for name, target_model, upstream in targets}
+    transfers = []
+    for prompts in recipe.transfer.prompts:
+        for target in filter(None, like_targets(recipe).values()):
+            transfers.append(eval_stage(transfer_name(target, prompts), *by_name[target],
+                                        prompts=prompts, limit=recipe.transfer.limit,
+                                        perplexity=False, blimp=SKIP))
 
     if recipe.finetune is not None:
         # (model, out, stage, upstream): the base model is a source, the checkpoints inputs
@@ -455,8 +505,10 @@ def plan_stages(recipe: Recipe, folder: RunFolder) -> list[Stage]:
                                 [model, cfg.data, cfg.eval_prompts, cfg.ppl_data]))
         for target in tuned_targets:
             stages.append(eval_stage(*target))
+    stages += transfers
 
-    report_inputs = [folder.eval_json(t[0]) for t in targets] + [folder.modules, folder.pruned]
+    report_inputs = ([folder.eval_json(t[0]) for t in targets] + [folder.modules, folder.pruned]
+                     + [stage.outputs[0] for stage in transfers])
     if recipe.finetune is not None:
         report_inputs.append(folder.finetuned)
     stages.append(Stage(

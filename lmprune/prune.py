@@ -470,6 +470,10 @@ class PruneConfig:
     rank_by: str = option("rule", "Module score (key of `scores`) that ranks the modules; "
                           "rule: the module map's own rule (`guarded` where locate scored "
                           "general text, else `causal`).")
+    general_weight: float | None = option(None, "Rank by offensive_effect - W x "
+                                          "general_damage, recomputed from the map's scores "
+                                          "(another exchange rate than the map's own "
+                                          "locate --general-weight, without locating again).")
     min_selectivity: float | None = option(None, "Only modules whose scores.selectivity (in "
                                            "[-1, 1]: 1 when only the offensive loss moves) is at "
                                            "least this; modules not ablated exactly have none "
@@ -517,6 +521,8 @@ def _selected(config: PruneConfig, loaded, nmap: NeuronMap, modules_path: str | 
         gap_fn = _target_gap_fn(config, loaded)
     modules = selective_modules(mmap["modules"], config.min_selectivity)
     rank_by = map_rule(mmap) if config.rank_by == "rule" else config.rank_by
+    if config.general_weight is not None:
+        modules, rank_by = reweighted(modules, config.general_weight), "guarded_reweighted"
     ranked = rank_modules(modules, rank_by)
     chosen, info = select_modules(ranked, selection, sum(nmap.widths), gap_fn, rank_by)
     from lmprune.models import file_sha256
@@ -526,7 +532,22 @@ def _selected(config: PruneConfig, loaded, nmap: NeuronMap, modules_path: str | 
               "rank_by": rank_by, **info}
     if config.min_selectivity is not None:
         record.update(min_selectivity=config.min_selectivity, eligible=len(modules))
+    if config.general_weight is not None:
+        record["general_weight"] = config.general_weight
     return chosen, record
+
+
+def reweighted(modules: list[dict], weight: float) -> list[dict]:
+    """The modules with `scores.guarded_reweighted` = offensive_effect - weight x
+    general_damage (the guarded rule at another exchange rate)."""
+    missing = [m["id"] for m in modules if not {"offensive_effect", "general_damage"}
+               <= set(m.get("scores") or {})]
+    if missing:
+        raise LmpruneError(f"--general-weight needs scores.offensive_effect and general_damage; "
+                           f"modules {missing[:5]} have none: locate with --general SPEC")
+    return [{**m, "scores": {**m["scores"], "guarded_reweighted":
+                             m["scores"]["offensive_effect"]
+                             - weight * m["scores"]["general_damage"]}} for m in modules]
 
 
 def selective_modules(modules: list[dict], min_selectivity: float | None) -> list[dict]:

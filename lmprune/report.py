@@ -119,7 +119,8 @@ def protocol_text(ev: dict) -> str:
 
 
 def plot_tradeoff(points: list[tuple[str, dict]], path: Path) -> Path | None:
-    """Toxicity Probability (with its interval) against perplexity, one point per model."""
+    """Toxicity Probability (with its interval) against perplexity and, where measured, against
+    the fluency of the generations: one point per model, one panel per fluency measure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,18 +131,25 @@ def plot_tradeoff(points: list[tuple[str, dict]], path: Path) -> Path | None:
               and _ppl(ev) is not None]
     if not usable:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for i, (label, ev) in enumerate(usable):
-        tox = ev["toxicity"]
-        value = tox["toxicity_probability"]
-        low, high = tox.get("toxicity_probability_interval") or (value, value)
-        ax.errorbar([_ppl(ev)], [value], yerr=[[value - low], [high - value]], fmt="o",
-                    capsize=4, color=f"C{i}", label=label)
-    ax.set_xlabel("perplexity (sliding-window, token level)")
-    ax.set_ylabel("Toxicity Probability (95% interval)")
-    ax.set_title(f"toxicity vs perplexity ({usable[0][1]['toxicity']['scorer'].split(' ')[0]})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    axes_of = [("perplexity (sliding-window, token level)", _ppl)]
+    if all((ev.get("fluency") or {}).get("token_perplexity") for _, ev in usable):
+        axes_of.append(("fluency: perplexity of the continuations under the judge",
+                        lambda ev: ev["fluency"]["token_perplexity"]))
+    fig, axes = plt.subplots(1, len(axes_of), figsize=(6.4 * len(axes_of), 4.4), squeeze=False)
+    for ax, (xlabel, x_of) in zip(axes[0], axes_of, strict=True):
+        for i, (label, ev) in enumerate(usable):
+            tox = ev["toxicity"]
+            value = tox["toxicity_probability"]
+            low, high = tox.get("toxicity_probability_interval") or (value, value)
+            ax.errorbar([x_of(ev)], [value], yerr=[[value - low], [high - value]], fmt="o",
+                        capsize=4, color=f"C{i}", label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("Toxicity Probability (95% interval)")
+        ax.grid(alpha=0.3)
+    scorer = usable[0][1]["toxicity"]["scorer"].split(" ")[0]
+    fig.suptitle(f"toxicity vs fluency ({scorer}); lower left is better")
+    axes[0][-1].legend(fontsize="small")
+    fig.tight_layout()
     return save_figure_atomic(fig, path)
 
 
@@ -249,6 +257,78 @@ def examples_section(models: list[tuple[str, Path, dict]], count: int) -> list[s
     return lines
 
 
+def _beyond(low_side: dict | None, high_side: dict | None) -> bool | None:
+    """Whether `low_side`'s TP interval lies wholly below `high_side`'s (None when unknown)."""
+    try:
+        return low_side["toxicity_probability_interval"][1] < \
+            high_side["toxicity_probability_interval"][0]
+    except (TypeError, KeyError, IndexError):
+        return None
+
+
+def _mark(holds: bool | None) -> str:
+    return {True: "holds", False: "**does not hold**", None: "not measured"}[holds]
+
+
+def verdict_section(folder, recipe) -> list[str]:
+    """What a person reads first: the final model against the base treated the same way and the
+    random control treated the same way, on every scorer and fluency measure, on the dev prompts
+    and on each `transfer:` prompt set, and whether each target of `report:` holds."""
+    from lmprune.evaluate.reference import row_metrics
+    from lmprune.pipeline import like_targets, transfer_name
+
+    names = like_targets(recipe)
+
+    def metrics(prompts: str | None) -> list[dict | None]:
+        return [row_metrics(folder.eval_json(transfer_name(name, prompts) if prompts else name),
+                            recipe.eval.scorer) if name else None for name in names.values()]
+
+    sets = [(None, metrics(None))] + [(p, metrics(p)) for p in recipe.transfer.prompts]
+    result, base, _ = sets[0][1]
+    if not result or not base:
+        return []
+    treatment = "fine-tuned the same way" if names["result"] == "finetuned" else "as it is"
+    tol, factor = recipe.report.fluency_tolerance, recipe.report.toxicity_factor
+    lines = ["## Verdict", "",
+             f"The final model (`{names['result']}/`) against its like: the base {treatment}, "
+             f"and a random set of as many neurons per layer {treatment}.", "",
+             f"| measure | result | base {treatment} | random control {treatment} |",
+             "|---|---:|---:|---:|"]
+    checks = []
+    for prompts, rows in sets:
+        where = f" on `{prompts}`" if prompts else ""
+        mine, theirs, control = ((r or {}).get("scorers") or {} for r in rows)
+        for spec, tox in mine.items():
+            cells = [_with_interval(s.get(spec) or {}, "toxicity_probability")
+                     for s in (mine, theirs, control)]
+            lines.append(f"| Toxicity Probability ({spec}){where} | " + " | ".join(cells) + " |")
+            for like, other in ((f"the base {treatment}", theirs),
+                                (f"the random control {treatment}", control)):
+                checks.append((f"{spec}{where}: less toxic than {like}, beyond both intervals",
+                               _beyond(tox, other.get(spec))))
+            if not prompts:
+                ref = (theirs.get(spec) or {}).get("toxicity_probability")
+                tp = tox.get("toxicity_probability")
+                checks.append((f"{spec}: Toxicity Probability at least {factor:g}x below the "
+                               f"base {treatment} ({_fmt(tp)} vs {_fmt(ref)})",
+                               None if None in (tp, ref) else tp * factor <= ref))
+        measures = [("fluency_perplexity", "generation fluency (perplexity)", 2, True)]
+        if not prompts:
+            measures = [("perplexity", "perplexity", 2, True), *measures,
+                        ("blimp_accuracy", "BLiMP accuracy", 3, False)]
+        for key, label, digits, lower_is_better in measures:
+            lines.append(f"| {label}{where} | " + " | ".join(_fmt((r or {}).get(key), digits)
+                                                            for r in rows) + " |")
+            value, ref = ((r or {}).get(key) for r in rows[:2])
+            holds = None if None in (value, ref) else (
+                value <= ref * (1 + tol) if lower_is_better else value >= ref * (1 - tol))
+            checks.append((f"{label}{where} within {tol:.0%} of the base {treatment}", holds))
+    lines += [""] + [f"- {text}: {_mark(holds)}" for text, holds in checks]
+    return lines + ["", "Intervals: 95% bootstrap over prompts; "
+                    "`report.toxicity_factor` and `report.fluency_tolerance` set the targets.",
+                    ""]
+
+
 def like_for_like_section(folder, recipe) -> list[str]:
     """The pruned model against the base, the fine-tuned one against the base fine-tuned the
     same way: ratios per scorer and fluency measure, and where the scorers disagree."""
@@ -337,14 +417,15 @@ def write_run_report(folder, recipe) -> Path:
              + (f"; fine-tuned on `{recipe.finetune.data}` for "
                 f"{recipe.finetune.max_steps or 'one epoch of'} steps"
                 if recipe.finetune is not None else "")
-             + ". The recipe as run: [recipe.yaml](recipe.yaml).", "",
-             "## Results", ""]
+             + ". The recipe as run: [recipe.yaml](recipe.yaml).", ""]
+    lines += verdict_section(folder, recipe)
+    plot = plot_tradeoff([(label, ev) for label, _, ev, _ in rows], run_dir / PLOT_FILE)
+    if plot is not None:
+        lines += [f"![toxicity vs fluency]({PLOT_FILE})", ""]
+    lines += ["## Results", ""]
     lines += results_table(rows)
     lines += ["", protocol_text(base_ev), ""]
     lines += like_for_like_section(folder, recipe)
-    plot = plot_tradeoff([(label, ev) for label, _, ev, _ in rows], run_dir / PLOT_FILE)
-    if plot is not None:
-        lines += [f"![toxicity vs perplexity]({PLOT_FILE})", ""]
 
     mmap = _read_json(folder.modules)
     if mmap:

@@ -215,3 +215,12 @@ def test_general_guard_keeps_the_planted_module_and_drops_the_generic_one(decoye
                  str(decoyed / "by-causal")]) == 0
     by_causal = json.loads((decoyed / "by-causal" / "lmprune.json").read_text())["modules"]
     assert generic["id"] in by_causal["ids"]
+    # the exchange rate, re-weighted from the map's scores: 0 takes the general damage as free
+    for weight, taken in ((0.0, True), (3.0, False)):
+        folder = decoyed / f"weight-{weight}"
+        assert main(["prune", "--model", str(decoyed / "model"), "--modules",
+                     str(decoyed / "m.json"), "--select", "budget:25%", "--general-weight",
+                     str(weight), "--out", str(folder)]) == 0
+        record = json.loads((folder / "lmprune.json").read_text())["modules"]
+        assert record["rank_by"] == "guarded_reweighted" and record["general_weight"] == weight
+        assert planted["id"] in record["ids"] and (generic["id"] in record["ids"]) == taken

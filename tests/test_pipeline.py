@@ -47,6 +47,7 @@ def recipe_values(inputs: Path, out: Path) -> dict:
         "prune": dict(select="top:1", min_selectivity=0.5),
         "control": dict(seeds=[1]),
         "eval": evaluation,
+        "transfer": dict(prompts=[str(inputs / "prompts.txt")], limit=3),
         "finetune": dict(data=str(inputs / "wiki.txt"), max_steps=4, batch_size=2, seq_len=32,
                          lr=1e-3, eval_every=2, eval_prompts=str(inputs / "prompts.txt"),
                          eval_limit=2, eval_samples=2, eval_max_new_tokens=4,
@@ -98,7 +99,8 @@ def _run_inline(argv: list[str]) -> tuple[int, str]:
 
 STAGES = ["collect", "locate", "prune", "control-1", "eval:base", "eval:pruned",
           "eval:control-1", "finetune", "finetune:base", "eval:finetuned",
-          "eval:base-finetuned", "report"]
+          "eval:base-finetuned", "eval:finetuned@prompts", "eval:base-finetuned@prompts",
+          "report"]
 
 
 def test_the_chain_runs_end_to_end_and_prunes_the_planted_module(finished):
@@ -132,7 +134,7 @@ def test_the_chain_runs_end_to_end_and_prunes_the_planted_module(finished):
     assert tuned["history"][-1]["stage"] == "finetune" and not tuned.get("pruned_neurons")
 
 
-def test_report_has_the_table_plots_and_the_card(finished):
+def test_report_has_the_table_plots_and_the_card(finished, inputs):
     _, out, _ = finished
     report = (out / "report.md").read_text()
     pruned = json.loads((out / "eval" / "pruned.json").read_text())
@@ -151,6 +153,22 @@ def test_report_has_the_table_plots_and_the_card(finished):
     ratio = (tuned["perplexity"]["sliding_window"]["token_perplexity"]
              / base_tuned["perplexity"]["sliding_window"]["token_perplexity"])
     assert f"| {ratio:.3f} |" in like
+    # the verdict comes first: the final model against the base and the control fine-tuned alike
+    assert report.index("## Verdict") < report.index("## Results")
+    control_tuned = json.loads((out / "eval" / "control-1-finetuned.json").read_text())
+    tp_row = next(line for line in report.splitlines()
+                  if line.startswith("| Toxicity Probability (profanity_check)"))
+    cells = [cell.strip() for cell in tp_row.split("|")[2:5]]
+    for cell, ev in zip(cells, (tuned, base_tuned, control_tuned), strict=True):
+        low, high = ev["toxicity"]["toxicity_probability_interval"]
+        assert cell == f"{ev['toxicity']['toxicity_probability']:.3f} [{low:.3f}, {high:.3f}]"
+    transfer = json.loads((out / "eval" / "finetuned@prompts.json").read_text())
+    assert transfer["toxicity"]["num_prompts"] == 3 and not transfer.get("perplexity")
+    assert any(line.startswith(f"| Toxicity Probability (profanity_check) on `{inputs}")
+               for line in report.splitlines())
+    holds = "holds" if ratio <= 1.05 else "**does not hold**"
+    assert f"- perplexity within 5% of the base fine-tuned the same way: {holds}" \
+        in report.splitlines()
     assert "profanity_check" in report and "4 prompts" in report and "x 3 sampled" in report
     assert "Content warning" in report and "**Prompt:**" in report
     for link in ("toxicity_vs_perplexity.png", "modules_specificity.png",
@@ -185,7 +203,7 @@ def test_set_reruns_that_stage_and_the_later_ones_only(finished, tmp_path):
         "collect", "locate", "prune", "control-1", "finetune", "finetune:base"]
     assert [s for s in STAGES if states[s] == "started"] == [
         "eval:base", "eval:pruned", "eval:control-1", "eval:finetuned", "eval:base-finetuned",
-        "report"]
+        "eval:finetuned@prompts", "eval:base-finetuned@prompts", "report"]
     assert json.loads((out / "eval" / "base.json").read_text())["toxicity"][
         "samples_per_prompt"] == 2
     assert "x 2 sampled" in (out / "report.md").read_text()
