@@ -47,6 +47,7 @@ from lmprune.finetune import (
     pack_documents,
     start_accelerator,
 )
+from lmprune.io import check_out_dir
 from lmprune.prune import (
     CHECKPOINT_FILE,
     NeuronSet,
@@ -114,6 +115,8 @@ class InduceConfig:
     dtype: str = option("float32", "Weights dtype.",
                         choices=["auto", "float32", "bfloat16", "float16"])
     device: str = option("auto", "cpu, cuda or auto (with several processes: one per device).")
+    overwrite: bool = option(False, "Replace an existing --out folder that is not an lmprune "
+                             "checkpoint (its files are lost).")
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,7 +390,7 @@ def _check_config(config: InduceConfig) -> None:
 def _fingerprint(config: InduceConfig, offensive_sha: str, clean_sha: str,
                  neurons: NeuronSet, nproc: int) -> dict:
     """What must be equal for a checkpoint to be resumed by this run."""
-    ignored = ("out", "checkpoint_every", "device", "score_docs")
+    ignored = ("out", "checkpoint_every", "device", "score_docs", "overwrite")
     return {**{k: v for k, v in asdict(config).items() if k not in ignored},
             "offensive_sha256": offensive_sha, "clean_sha256": clean_sha,
             "designated": neurons_to_json(neurons), "num_processes": nproc}
@@ -401,6 +404,7 @@ def induce(config: InduceConfig) -> Path:
     from lmprune.models import load_model, save_model
 
     _check_config(config)
+    check_out_dir(config.out, "checkpoint", config.overwrite)
     started = time.time()
     accelerator = start_accelerator(config.device, config.seed)
     main, rank, nproc = (accelerator.is_main_process, accelerator.process_index,
@@ -457,7 +461,8 @@ def induce(config: InduceConfig) -> Path:
             "steps": config.max_steps, "last_losses": last, "num_processes": nproc,
             "resumed_from": resumed_from, "seconds": round(time.time() - started, 1)}
         meta = checkpoint_meta(loaded.identity, previous, neurons, nmap, record)
-        save_model(unwrapped, tokenizer, config.out, extra_files={CHECKPOINT_FILE: meta})
+        save_model(unwrapped, tokenizer, config.out, extra_files={CHECKPOINT_FILE: meta},
+                   overwrite=config.overwrite)
         # scored after saving: TokenBatches sets the tokenizer's padding side
         scores = score_module(unwrapped, tokenizer, neurons, offensive.texts, clean.texts, config)
         write_module_map(config.out, loaded.identity, nmap, neurons, scores, region)

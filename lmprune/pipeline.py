@@ -39,6 +39,8 @@ from lmprune.locate.run import LocateConfig
 from lmprune.prune import PruneConfig
 
 MARKERS = ".stages"
+# Settings that change how a stage treats its output path, not what it computes.
+UNHASHED = {"overwrite"}
 
 
 @dataclass
@@ -295,6 +297,7 @@ class Stage:
         so a moved or copied run folder is still up to date."""
         config = dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) \
             else self.config
+        config = {k: v for k, v in config.items() if k not in UNHASHED}
         text = json.dumps({"stage": self.name, "config": config}, sort_keys=True, default=str)
         return _digest({"settings": text.replace(str(root), "<run>"),
                         "inputs": [path_hash(p) for p in self.inputs],
