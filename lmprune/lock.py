@@ -28,8 +28,10 @@ def folder_lock(folder: str | Path):
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             raise LmpruneError(f"{folder} is in use by another lmprune process (pid {holder}): "
                                f"wait for it to end, or choose another output folder") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        pid = f"{os.getpid()}\n".encode()
+        if os.pread(fd, 32, 0) != pid:  # rewritten only when another process held it last
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, pid, 0)
         yield path
     finally:
         os.close(fd)
