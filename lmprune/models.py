@@ -284,7 +284,8 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | Path,
     is empty or a saved model folder (any folder with `overwrite`; a file never). Temporary
     folders that a killed save left beside it are removed first.
     """
-    out_dir = check_out_dir(Path(out_dir).resolve(), "model", overwrite)
+    given = Path(out_dir)
+    out_dir = check_out_dir(given.resolve(), "model", overwrite)  # `.` gets its real name
     _drop_quantizer(model)
     _remove_stale_temps(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
@@ -306,7 +307,7 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | Path,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
+    return given
 
 
 def _remove_stale_temps(out_dir: Path) -> None:

@@ -191,7 +191,7 @@ CASES = [
     ("finetune-batch-zero", lambda w: _swap(FINETUNE, "--batch-size", "0"), 2,
      "--batch-size must be at least 1"),
     ("gate-on-skipped-part", lambda w: EVAL + ["--fail-above", "toxicity.mean_toxicity=0.5"], 2,
-     "toxicity is not measured"),
+     "toxicity.mean_toxicity is not in the result (toxicity is skipped)"),
     # output paths
     ("prune-out-under-a-file", lambda w: _swap(PRUNE, "--out", "afile/sub"), 2,
      "cannot write into"),
@@ -375,6 +375,26 @@ def test_finetune_resumes_by_the_weights_not_the_path():
     moved = _fingerprint(FinetuneConfig(model="elsewhere", data="d", out="o"),
                          {"name": "elsewhere", "weights_sha256": "a" * 64}, "s", 4, 2, 1)
     assert one != two and one == moved
+
+
+def test_finetune_refuses_checkpoints_of_a_re_pruned_input(work, capsys, monkeypatch):
+    """Killed in its final save, a fine-tuning leaves OUT/checkpoints; the input folder is then
+    pruned again at the same path: the rerun refuses those checkpoints instead of resuming."""
+    import lmprune.models
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed during the final save")
+
+    argv = _swap(FINETUNE, "--max-steps", "2") + ["--checkpoint-every", "1"]
+    with monkeypatch.context() as patch:
+        patch.setattr(lmprune.models, "save_model", killed)
+        assert main(argv) == 2
+    assert (work / "tuned" / "checkpoints" / "step-00000001").is_dir()
+    assert main(_swap(PRUNE, "--out", "model")) == 0  # same path, other weights
+    capsys.readouterr()
+    assert main(argv) == 2
+    lines = _lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "holds checkpoints of a different run" in lines[0], lines
 
 
 def _env() -> dict:

@@ -277,8 +277,8 @@ def check_config(config: EvalConfig) -> list[Gate]:
     for gate in gates:
         part = gate.path.split(".")[0]
         if measured.get(part) is False:
-            raise LmpruneError(f"gate '{gate.spec}': {part} is not measured in this evaluation "
-                               f"(it is skipped): drop the gate or measure {part}")
+            raise LmpruneError(f"gate '{gate.spec}': {gate.path} is not in the result "
+                               f"({part} is skipped): drop the gate or measure {part}")
     return gates
 
 
