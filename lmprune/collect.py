@@ -1042,7 +1042,7 @@ class Collector:
             shutil.rmtree(self.out / "pooled", ignore_errors=True)
         procs.barrier()
         if manifest_path.is_file():
-            manifest = read_json(manifest_path, "or pass --no-resume to collect again")
+            manifest = read_json(manifest_path, "pass --no-resume to collect again")
             if manifest.get("fingerprint") == fingerprint and manifest.get("complete"):
                 if procs.main:
                     print(f"lmprune collect: {self.out} is complete already (same settings)")

@@ -387,11 +387,13 @@ def _check_config(config: InduceConfig) -> None:
             raise LmpruneError(f"--{name.replace('_', '-')} must be at least {least}")
 
 
-def _fingerprint(config: InduceConfig, offensive_sha: str, clean_sha: str,
+def _fingerprint(config: InduceConfig, identity: dict, offensive_sha: str, clean_sha: str,
                  neurons: NeuronSet, nproc: int) -> dict:
-    """What must be equal for a checkpoint to be resumed by this run."""
+    """What must be equal for a checkpoint to be resumed by this run (the input model by its
+    weights, not its path)."""
     ignored = ("out", "checkpoint_every", "device", "score_docs", "overwrite")
-    return {**{k: v for k, v in asdict(config).items() if k not in ignored},
+    model = identity.get("weights_sha256") or identity.get("revision") or identity.get("name")
+    return {**{k: v for k, v in asdict(config).items() if k not in ignored}, "model": model,
             "offensive_sha256": offensive_sha, "clean_sha256": clean_sha,
             "designated": neurons_to_json(neurons), "num_processes": nproc}
 
@@ -426,7 +428,8 @@ def induce(config: InduceConfig) -> Path:
 
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     scheduler = make_scheduler(optimizer, config.schedule, config.warmup_steps, config.max_steps)
-    fingerprint = _fingerprint(config, offensive.sha256, clean.sha256, neurons, nproc)
+    fingerprint = _fingerprint(config, loaded.identity, offensive.sha256, clean.sha256, neurons,
+                               nproc)
     store = CheckpointStore(config.out)
     step, resumed_from, last = 0, None, {}
     if (state := store.resume(accelerator, model, optimizer, scheduler, fingerprint)):

@@ -79,30 +79,30 @@ def save_figure_atomic(fig, path: str | Path, dpi: int = 100) -> Path:
 # Reads that name the file
 
 
-def read_json(path: str | Path, what: str = "", expect: type | None = dict):
-    """A JSON file's content; a corrupt, truncated or wrongly shaped file is named as such."""
+def read_json(path: str | Path, fix: str, expect: type | None = dict):
+    """A JSON file's content; a corrupt, truncated or wrongly shaped file is named as such, with
+    `fix` (what to do) after it."""
     path = Path(path)
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        reason = "empty" if path.stat().st_size == 0 else f"{getattr(err, 'msg', err)}"
+        reason = "empty" if path.stat().st_size == 0 else getattr(err, "msg", None) or str(err)
         raise LmpruneError(f"{path} is corrupt or truncated (not valid JSON: {reason}): "
-                           f"write it again{f' ({what})' if what else ''}") from err
+                           f"{fix}") from err
     if expect is not None and not isinstance(value, expect):
         raise LmpruneError(f"{path}: expected a JSON {'object' if expect is dict else 'list'}, "
-                           f"got {type(value).__name__}{f' ({what})' if what else ''}")
+                           f"got {type(value).__name__}: {fix}")
     return value
 
 
-def load_tensors(path: str | Path, what: str = "") -> dict:
+def load_tensors(path: str | Path, fix: str) -> dict:
     """A safetensors file's tensors; a corrupt or truncated file is named as such."""
     from safetensors.torch import load_file
 
     try:
         return load_file(path)
     except Exception as err:  # SafetensorError: bad header, truncated data
-        raise LmpruneError(f"{path} is corrupt or truncated ({first_line(err)}): "
-                           f"{what or 'write it again'}") from err
+        raise LmpruneError(f"{path} is corrupt or truncated ({first_line(err)}): {fix}") from err
 
 
 def check_safetensors(folder: str | Path) -> None:

@@ -236,7 +236,8 @@ def _identity(source: ModelSource, model: nn.Module, folder: str) -> dict:
         ident["weights_sha256"] = folder_weights_sha256(folder)
         lineage = Path(folder) / "lmprune.json"
         if lineage.is_file():  # a checkpoint lmprune wrote: keep its base model visible
-            ident["base_model"] = read_json(lineage, "the checkpoint's lineage").get("base_model")
+            meta = read_json(lineage, "prune or fine-tune again to rewrite it")
+            ident["base_model"] = meta.get("base_model")
     return ident
 
 

@@ -59,7 +59,7 @@ def read_checkpoint_meta(folder: str | Path) -> dict | None:
     path = Path(folder) / CHECKPOINT_FILE
     if not path.is_file():
         return None
-    meta = read_json(path, "the checkpoint's lineage")
+    meta = read_json(path, "prune or fine-tune again to rewrite it")
     if not isinstance(meta.get("pruned_neurons", {}), dict):
         raise LmpruneError(f"{path}: 'pruned_neurons' must map layer -> neuron indices")
     return meta
@@ -183,7 +183,7 @@ def load_module_map(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise LmpruneError(f"module map not found: {path} (write one with `lmprune locate`)")
-    mmap = read_json(path, "write it with `lmprune locate`")
+    mmap = read_json(path, "write it again with `lmprune locate`")
     if mmap.get("format") != "lmprune.modules" or not isinstance(mmap.get("modules"), list):
         raise LmpruneError(f"{path} is not an lmprune module map (format 'lmprune.modules' with "
                            f"a 'modules' list)")
@@ -347,7 +347,7 @@ def load_auroc(stats_dir: str | Path, identity: dict, nmap: NeuronMap) -> torch.
         raise LmpruneError(f"no stats.safetensors in {stats_dir} (write it with `lmprune collect`)")
     manifest = stats_dir / "manifest.json"
     if manifest.is_file():
-        meta = read_json(manifest, "the stats' manifest")
+        meta = read_json(manifest, "collect the statistics again")
         recorded = dict(meta.get("model") or {}, num_layers=meta.get("num_layers"),
                         neurons_per_layer=meta.get("neurons_per_layer"))
         check_identity(recorded, identity, nmap, f"stats {stats_dir}")

@@ -65,6 +65,8 @@ def template(tmp_path_factory) -> Path:
     (root / "wiki.txt").write_text(WIKI)
     (root / "prompts.txt").write_text("the bridge is\nthe river\n")
     (root / "afile").write_text("a user's file\n")
+    (root / "empty.txt").write_text("")
+    (root / "bin.txt").write_bytes(bytes(range(256)) * 4)
     (root / "mine").mkdir()
     (root / "mine" / "notes.txt").write_text("a user's own notes\n")
     _stats(root / "stats")
@@ -231,6 +233,15 @@ CASES = [
                                          ["prune", "--model", "model", "--mode", "dampen",
                                           "--stats", "stats", "--out", "p"])[1], 2,
      "stats.safetensors is corrupt or truncated"),
+    # corpora
+    ("binary-corpus", lambda w: _swap(EVAL, "--ppl-data", "bin.txt"), 2,
+     "corpus bin.txt is not UTF-8 text"),
+    ("empty-corpus", lambda w: _swap(FINETUNE, "--data", "empty.txt"), 2, "has no documents"),
+    ("missing-corpus", lambda w: _swap(COLLECT, "--offensive", "nope.txt"), 2,
+     "corpus file not found: nope.txt"),
+    ("like-not-a-map", lambda w: ["prune", "--model", "model", "--mode", "random", "--like",
+                                  "wiki.txt", "--select", "top:1", "--out", "p"], 2,
+     "wiki.txt is corrupt or truncated (not valid JSON"),
     # recipes
     ("recipe-batch-size-zero", lambda w: ["run", _recipe(w, finetune={"batch_size": 0})], 2,
      "finetune.batch_size: must be at least 1"),
