@@ -8,7 +8,7 @@ import sys
 import traceback
 
 from lmprune import __version__
-from lmprune.errors import LmpruneError
+from lmprune.errors import describe, redact
 
 EXIT_OK, EXIT_THRESHOLD, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -99,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except LmpruneError as err:
+    except Exception as err:  # exit 1 is only a failed gate: anything else is one line, exit 2
         if args.debug:
-            traceback.print_exc()
-        print(f"lmprune: error: {err}", file=sys.stderr)
+            print(redact(traceback.format_exc()), end="", file=sys.stderr)
+        print(f"lmprune: error: {redact(describe(err))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("lmprune: interrupted", file=sys.stderr)

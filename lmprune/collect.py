@@ -19,6 +19,7 @@ numbers. The on-disk format is docs/formats.md ("Collected statistics").
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -41,7 +42,8 @@ from lmprune.arch import NeuronMap
 from lmprune.config import option
 from lmprune.errors import LmpruneError
 from lmprune.hooks import NeuronHooks
-from lmprune.io import write_json_atomic
+from lmprune.io import check_out_dir, read_json, write_json_atomic
+from lmprune.lock import folder_lock
 
 CORPORA = ("offensive", "clean")
 FORMAT_VERSION = 1
@@ -87,6 +89,8 @@ class CollectConfig:
                                    "sets the histogram bins (histogram mode only).")
     checkpoint_every: int = option(50, "Checkpoint the accumulators every N rounds of batches.")
     resume: bool = option(True, "Resume an interrupted run in --out (--no-resume starts over).")
+    overwrite: bool = option(False, "Write into an existing --out folder that is not an lmprune "
+                             "collect folder.")
 
 
 # ----------------------------------------------------------------------------- processes
@@ -1038,7 +1042,7 @@ class Collector:
             shutil.rmtree(self.out / "pooled", ignore_errors=True)
         procs.barrier()
         if manifest_path.is_file():
-            manifest = json.loads(manifest_path.read_text())
+            manifest = read_json(manifest_path, "pass --no-resume to collect again")
             if manifest.get("fingerprint") == fingerprint and manifest.get("complete"):
                 if procs.main:
                     print(f"lmprune collect: {self.out} is complete already (same settings)")
@@ -1142,7 +1146,9 @@ class Collector:
 
 
 def run_collect(cfg: CollectConfig) -> int:
-    with torch.inference_mode():
+    check_out_dir(cfg.out, "stats", cfg.overwrite)
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun the first process writes
+    with folder_lock(cfg.out) if main else contextlib.nullcontext(), torch.inference_mode():
         return Collector(cfg).run()
 
 

@@ -26,6 +26,7 @@ table and the targets, OUT/compare.png toxicity against perplexity.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,11 +35,14 @@ from lmprune.config import build_config, option
 from lmprune.errors import LmpruneError
 from lmprune.evaluate.command import EvalConfig
 from lmprune.finetune import FinetuneConfig
+from lmprune.io import check_out_dir
 from lmprune.locate.run import LocateConfig
+from lmprune.lock import folder_lock
 from lmprune.pipeline import (
     RunConfig,
     RunFolder,
     Stage,
+    check_stages,
     duration,
     execute_stages,
     hold_out_general,
@@ -86,6 +90,8 @@ class CompareConfig:
                                      "at least (1 - this) x the base model's.")
 
 
+# A row name is a folder name inside OUT/rows: nothing that climbs out (`..`, `/`) or hides.
+ROW_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # Settings a `modules:` entry may not set (the runner wires them) and those it adds to prune's.
 MODULE_WIRED = {"model", "out", "modules", "like", "seed", "stats", "mode", "count"}
 
@@ -161,6 +167,9 @@ def parse_compare(values: dict, name: str) -> CompareRecipe:
     rows = []
     for row_name, given in entries.items():
         where = f"modules.{row_name}"
+        if not ROW_NAME.fullmatch(str(row_name)):
+            raise LmpruneError(f"{where}: a row name becomes a folder under rows/: use letters, "
+                               f"digits, '.', '_' and '-', starting with a letter or digit")
         if not isinstance(given, dict):
             raise LmpruneError(f"{where}: expected a mapping of prune settings")
         given = dict(given)
@@ -472,14 +481,18 @@ def _induce_stages(recipe: CompareRecipe, folder: CompareFolder, prunes: list) -
 # CLI
 
 
-def run_compare(recipe: CompareRecipe) -> int:
+def run_compare(recipe: CompareRecipe, overwrite: bool = False) -> int:
     from lmprune.compare_report import table, write_summary
 
     folder = CompareFolder(recipe.run.out)
-    record_recipe(folder, recipe.values)
-    seconds = execute_stages(plan_compare(recipe, folder), folder, command="compare")
-    # derived from the rows' files in seconds: always rewritten, so it follows the code
-    summary = write_summary(recipe, folder)
+    check_out_dir(folder.root, "run", overwrite)
+    stages = plan_compare(recipe, folder)
+    check_stages(stages)
+    with folder_lock(folder.root):
+        record_recipe(folder, recipe.values)
+        seconds = execute_stages(stages, folder, command="compare")
+        # derived from the rows' files in seconds: always rewritten, so it follows the code
+        summary = write_summary(recipe, folder)
     print("\n".join(table(summary)))
     print(f"lmprune compare: finished in {duration(seconds)}; {folder.root / 'compare.md'}",
           flush=True)
@@ -487,7 +500,7 @@ def run_compare(recipe: CompareRecipe) -> int:
 
 
 def cmd_compare(args) -> int:
-    return run_compare(load_compare(args.recipe, args.set or [], args.out))
+    return run_compare(load_compare(args.recipe, args.set or [], args.out), args.overwrite)
 
 
 def register(subparsers) -> None:
@@ -502,4 +515,7 @@ def register(subparsers) -> None:
                         help="Override a value, e.g. eval.samples=25 or "
                              "modules.modules-1pct.select=budget:2%% (read as YAML).")
     parser.add_argument("--out", default=None, help="Output folder (overrides the recipe's).")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Write into an existing --out folder that is not an lmprune run "
+                             "folder.")
     parser.set_defaults(func=cmd_compare)

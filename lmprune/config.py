@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from lmprune.errors import LmpruneError
+from lmprune.errors import ConfigError, LmpruneError
 
 
 def option(default, help: str, **extra):
@@ -68,6 +69,8 @@ def _check_value(cls_name: str, key: str, value, tp, is_list: bool):
         return None
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(key, f"must be a finite number, not {value}")
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
@@ -81,13 +84,19 @@ def build_config(cls, values: dict, where: str = ""):
     """Make a `cls` from a mapping, refusing unknown keys and wrong types by name."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    recipe = bool(where)  # a recipe section names its keys as section.key, the CLI as flags
     where = where or cls.__name__
     unknown = sorted(set(values) - names)
     if unknown:
         raise LmpruneError(
             f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"
         )
-    checked = {k: _check_value(where, k, v, *_base_type(hints[k])) for k, v in values.items()}
+    try:
+        checked = {k: _check_value(where, k, v, *_base_type(hints[k])) for k, v in values.items()}
+    except ConfigError as err:
+        if recipe:
+            raise LmpruneError(err.recipe_message(where)) from None
+        raise
     try:
         return cls(**checked)
     except TypeError as err:  # a required field without a value

@@ -1,4 +1,11 @@
-"""The one exception type the CLI turns into a clear one-line message (exit code 2)."""
+"""The one exception type the CLI turns into a clear one-line message (exit code 2), and the
+one line for anything else that escapes a command."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
 
 
 def first_line(err: Exception) -> str:
@@ -10,3 +17,44 @@ def first_line(err: Exception) -> str:
 class LmpruneError(Exception):
     """Bad input or a state lmprune cannot work from: the message says what was wrong and what
     to do, and fits on one line."""
+
+
+class ConfigError(LmpruneError):
+    """A bad setting. `key` is the config field: the message names it as a flag (`--batch-size
+    must be at least 1`); a recipe runner names it as `section.key` (`recipe_message`)."""
+
+    def __init__(self, key: str, problem: str):
+        self.key, self.problem = key, problem
+        super().__init__(f"--{key.replace('_', '-')} {problem}")
+
+    def recipe_message(self, section: str) -> str:
+        return f"{section}.{self.key}: {self.problem}"
+
+
+def describe(err: BaseException) -> str:
+    """One line for any exception that reached the command line: what failed, naming the file
+    where the exception knows it, and what to do."""
+    if isinstance(err, LmpruneError):
+        return first_line(err)
+    if isinstance(err, OSError) and err.filename:
+        where = err.filename if not err.filename2 else f"{err.filename} -> {err.filename2}"
+        return (f"{where}: {err.strerror or first_line(err)}: check that the path exists and "
+                f"can be written, or choose another")
+    if isinstance(err, json.JSONDecodeError):
+        return f"a JSON file is corrupt or truncated ({err.msg}, line {err.lineno})"
+    if type(err).__name__ == "SafetensorError":
+        return (f"a safetensors file is corrupt or truncated ({first_line(err)}): write it "
+                f"again")
+    return (f"unexpected {type(err).__name__}: {first_line(err)} (run `lmprune --debug ...` "
+            f"for the traceback)")
+
+
+_TOKEN = re.compile(r"hf_[A-Za-z0-9]{6,}")
+
+
+def redact(text: str) -> str:
+    """Hugging Face tokens (`hf_...` and the value of HF_TOKEN) replaced by ***."""
+    token = os.environ.get("HF_TOKEN")
+    if token:
+        text = text.replace(token, "***")
+    return _TOKEN.sub("***", text)

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from lmprune.config import option, register_stage
-from lmprune.errors import LmpruneError
-from lmprune.io import save_figure_atomic, write_json_atomic
+from lmprune.errors import ConfigError, LmpruneError
+from lmprune.io import check_out_dir, save_figure_atomic, write_json_atomic
+from lmprune.lock import folder_lock
 from lmprune.prune import CHECKPOINT_FILE, PruneMask, command_line, read_checkpoint_meta, utc_now
 
 # evaluate(model, tokenizer, step) -> {metric name: value}
@@ -77,6 +78,8 @@ class FinetuneConfig:
     dtype: str = option("float32", "Weights dtype.",
                         choices=["auto", "float32", "bfloat16", "float16"])
     device: str = option("auto", "cpu, cuda or auto (with several processes: one per device).")
+    overwrite: bool = option(False, "Replace an existing --out folder that is not an lmprune "
+                             "checkpoint (its files are lost).")
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,29 +304,30 @@ def _measure(evaluate: Evaluator, model: nn.Module, tokenizer, step: int) -> dic
 # Training
 
 
-def _fingerprint(config: FinetuneConfig, corpus_sha: str, num_blocks: int, total_steps: int,
-                 num_processes: int) -> dict:
-    """What must be equal for a checkpoint to be resumed by this run."""
-    keys = ("model", "lr", "schedule", "warmup_steps", "weight_decay", "max_grad_norm",
+def _fingerprint(config: FinetuneConfig, identity: dict, corpus_sha: str, num_blocks: int,
+                 total_steps: int, num_processes: int) -> dict:
+    """What must be equal for a checkpoint to be resumed by this run: the input model by its
+    weights (a folder re-pruned at the same path is another model), settings and data."""
+    keys = ("lr", "schedule", "warmup_steps", "weight_decay", "max_grad_norm",
             "batch_size", "grad_accum", "seq_len", "mixed_precision", "seed")
-    return {**{k: getattr(config, k) for k in keys}, "data_sha256": corpus_sha,
+    model = identity.get("weights_sha256") or identity.get("revision") or identity.get("name")
+    return {**{k: getattr(config, k) for k in keys}, "model": model, "data_sha256": corpus_sha,
             "num_blocks": num_blocks, "total_steps": total_steps, "num_processes": num_processes}
 
 
 def _check_config(config: FinetuneConfig) -> None:
     for name in ("model", "data", "out"):
         if not getattr(config, name):
-            raise LmpruneError(f"--{name} is required")
+            raise ConfigError(name, "is required")
     if Path(config.out).resolve() == Path(config.model).resolve():
         raise LmpruneError("--out must differ from --model (the input checkpoint is kept)")
     for name in ("batch_size", "grad_accum", "seq_len"):
         if getattr(config, name) < 1:
-            raise LmpruneError(f"--{name.replace('_', '-')} must be at least 1")
+            raise ConfigError(name, f"must be at least 1, not {getattr(config, name)}")
     if config.max_steps is not None and config.max_steps < 1:
-        raise LmpruneError("--max-steps must be at least 1")
+        raise ConfigError("max_steps", f"must be at least 1, not {config.max_steps}")
     if config.holdout_last < 0:
-        raise LmpruneError("--holdout-last must be 0 or more")
-
+        raise ConfigError("holdout_last", f"must be 0 or more, not {config.holdout_last}")
 
 
 def training_corpus(spec: str, holdout_last: int, max_docs: int | None):
@@ -387,13 +391,20 @@ def finetune(config: FinetuneConfig, evaluate: Evaluator | None = None) -> Path:
     `evaluate(model, tokenizer, step) -> {metric: value}` is called on the main process at step
     0 (the pruned start), every `eval_every` steps and at the end; None skips evaluation.
     """
+    _check_config(config)
+    check_out_dir(config.out, "checkpoint", config.overwrite)
+    accelerator = start_accelerator(config.device, config.seed, config.mixed_precision)
+    # one writer: the main process holds OUT's lock until the final checkpoint is saved
+    with folder_lock(config.out) if accelerator.is_main_process else contextlib.nullcontext():
+        return _train(config, evaluate, accelerator)
+
+
+def _train(config: FinetuneConfig, evaluate: Evaluator | None, accelerator) -> Path:
     from tqdm.auto import tqdm
 
     from lmprune.models import load_model, save_model
 
-    _check_config(config)
     started = time.time()
-    accelerator = start_accelerator(config.device, config.seed, config.mixed_precision)
     main, rank, nproc = (accelerator.is_main_process, accelerator.process_index,
                          accelerator.num_processes)
 
@@ -411,7 +422,8 @@ def finetune(config: FinetuneConfig, evaluate: Evaluator | None = None) -> Path:
 
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     scheduler = make_scheduler(optimizer, config.schedule, config.warmup_steps, total_steps)
-    fingerprint = _fingerprint(config, corpus.sha256, len(blocks), total_steps, nproc)
+    fingerprint = _fingerprint(config, loaded.identity, corpus.sha256, len(blocks), total_steps,
+                               nproc)
     store = CheckpointStore(config.out)
     every = config.eval_every if evaluate is not None else 0
     curve = {"format": "lmprune.relearning", "model": config.model, "data": config.data,
@@ -464,7 +476,7 @@ def finetune(config: FinetuneConfig, evaluate: Evaluator | None = None) -> Path:
         extra = {CHECKPOINT_FILE: meta_out}
         if curve["points"]:
             extra[CURVE_FILE] = curve
-        save_model(unwrapped, tokenizer, config.out, extra_files=extra)
+        save_model(unwrapped, tokenizer, config.out, extra_files=extra, overwrite=config.overwrite)
         if curve["points"]:
             plot_curve(curve, Path(config.out) / PLOT_FILE)
     accelerator.wait_for_everyone()

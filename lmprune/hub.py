@@ -4,6 +4,8 @@ The token comes from huggingface_hub's own lookup (`HF_TOKEN`, then the login ca
 passed to it only: lmprune never prints or logs it. The upload reads the folder through a staging
 folder of symlinks, so a card written for a folder without one goes up in the same commit, and the
 local folder changes only once the upload succeeded (the card is then written into it too).
+Only the model files go up (`UPLOADED`; `--include` adds more): never hidden files or the
+resumable training state under checkpoints/.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class PushConfig:
                                   "visibility).")
     revision: str | None = option(None, "Branch to push to (created if missing); default main.")
     commit_message: str = option("Upload checkpoint with lmprune", "Commit message.")
+    include: list[str] = option([], "Also upload the files matching this glob pattern, relative "
+                                "to the folder (repeatable), e.g. 'eval/*.json'.")
 
 
 def check_checkpoint(folder: str | Path) -> Path:
@@ -69,14 +73,33 @@ def _check_repo_id(repo_id: str) -> None:
                            f"digits, '-', '_' and '.' (at most 96 characters)") from None
 
 
-def _stage(folder: Path, card: str | None) -> Path:
-    """A temporary folder of symlinks to the checkpoint's files (+ the card, when given)."""
+# What a push uploads (top level of the folder only): the model and what describes it. Nothing
+# hidden, nothing under checkpoints/ (optimizer state), no stray files such as .env.
+UPLOADED = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+            "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+            "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+            "chat_template.jinja", "chat_template.json", LINEAGE_FILE, CARD_FILE, "*.png")
+
+
+def upload_files(folder: Path, include: list[str] = ()) -> list[Path]:
+    """The files a push uploads: the model files, plus those matching `include`."""
+    chosen = {p for pattern in UPLOADED for p in folder.glob(pattern)
+              if not p.name.startswith(".")}
+    for pattern in include:
+        matched = [p for p in folder.glob(pattern) if p.is_file()]
+        if not matched:
+            raise LmpruneError(f"--include '{pattern}' matches no file in {folder}")
+        chosen.update(matched)
+    return sorted(p for p in chosen if p.is_file())
+
+
+def _stage(folder: Path, card: str | None, include: list[str] = ()) -> Path:
+    """A temporary folder of symlinks to the files to upload (+ the card, when given)."""
     staging = Path(tempfile.mkdtemp(prefix="lmprune-push-"))
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            link = staging / path.relative_to(folder)
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(path.resolve())
+    for path in upload_files(folder, include):
+        link = staging / path.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(path.resolve())
     if card is not None:
         (staging / CARD_FILE).write_text(card, encoding="utf-8")
     return staging
@@ -123,7 +146,8 @@ def _is_transport_error(err: Exception) -> bool:
 
 def push_checkpoint(checkpoint: str | Path, repo_id: str, private: bool = False,
                     revision: str | None = None,
-                    commit_message: str = "Upload checkpoint with lmprune") -> str:
+                    commit_message: str = "Upload checkpoint with lmprune",
+                    include: list[str] = ()) -> str:
     """Upload a checkpoint folder to `repo_id` (created if missing); returns the commit URL.
 
     A folder without README.md gets a model card (lmprune.modelcard), uploaded with the files and
@@ -144,7 +168,7 @@ def push_checkpoint(checkpoint: str | Path, repo_id: str, private: bool = False,
     if not (folder / CARD_FILE).is_file():
         card = str(build_model_card(folder, model_name=repo_id))
     api = HfApi(token=token)
-    staging = _stage(folder, card)
+    staging = _stage(folder, card, include)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision and revision != constants.DEFAULT_REVISION:
@@ -165,7 +189,7 @@ def run_push(config: PushConfig) -> int:
         raise LmpruneError("name the checkpoint folder to push: lmprune push DIR --repo-id ID")
     had_card = (Path(config.checkpoint) / CARD_FILE).is_file()
     url = push_checkpoint(config.checkpoint, config.repo_id, config.private, config.revision,
-                          config.commit_message)
+                          config.commit_message, config.include)
     if not had_card:
         print(f"wrote the model card {Path(config.checkpoint) / CARD_FILE}")
     print(f"pushed {config.checkpoint} to {config.repo_id}: {url}")

@@ -47,6 +47,7 @@ from lmprune.finetune import (
     pack_documents,
     start_accelerator,
 )
+from lmprune.io import check_out_dir
 from lmprune.prune import (
     CHECKPOINT_FILE,
     NeuronSet,
@@ -114,6 +115,8 @@ class InduceConfig:
     dtype: str = option("float32", "Weights dtype.",
                         choices=["auto", "float32", "bfloat16", "float16"])
     device: str = option("auto", "cpu, cuda or auto (with several processes: one per device).")
+    overwrite: bool = option(False, "Replace an existing --out folder that is not an lmprune "
+                             "checkpoint (its files are lost).")
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,11 +387,13 @@ def _check_config(config: InduceConfig) -> None:
             raise LmpruneError(f"--{name.replace('_', '-')} must be at least {least}")
 
 
-def _fingerprint(config: InduceConfig, offensive_sha: str, clean_sha: str,
+def _fingerprint(config: InduceConfig, identity: dict, offensive_sha: str, clean_sha: str,
                  neurons: NeuronSet, nproc: int) -> dict:
-    """What must be equal for a checkpoint to be resumed by this run."""
-    ignored = ("out", "checkpoint_every", "device", "score_docs")
-    return {**{k: v for k, v in asdict(config).items() if k not in ignored},
+    """What must be equal for a checkpoint to be resumed by this run (the input model by its
+    weights, not its path)."""
+    ignored = ("out", "checkpoint_every", "device", "score_docs", "overwrite")
+    model = identity.get("weights_sha256") or identity.get("revision") or identity.get("name")
+    return {**{k: v for k, v in asdict(config).items() if k not in ignored}, "model": model,
             "offensive_sha256": offensive_sha, "clean_sha256": clean_sha,
             "designated": neurons_to_json(neurons), "num_processes": nproc}
 
@@ -401,6 +406,7 @@ def induce(config: InduceConfig) -> Path:
     from lmprune.models import load_model, save_model
 
     _check_config(config)
+    check_out_dir(config.out, "checkpoint", config.overwrite)
     started = time.time()
     accelerator = start_accelerator(config.device, config.seed)
     main, rank, nproc = (accelerator.is_main_process, accelerator.process_index,
@@ -422,7 +428,8 @@ def induce(config: InduceConfig) -> Path:
 
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     scheduler = make_scheduler(optimizer, config.schedule, config.warmup_steps, config.max_steps)
-    fingerprint = _fingerprint(config, offensive.sha256, clean.sha256, neurons, nproc)
+    fingerprint = _fingerprint(config, loaded.identity, offensive.sha256, clean.sha256, neurons,
+                               nproc)
     store = CheckpointStore(config.out)
     step, resumed_from, last = 0, None, {}
     if (state := store.resume(accelerator, model, optimizer, scheduler, fingerprint)):
@@ -457,7 +464,8 @@ def induce(config: InduceConfig) -> Path:
             "steps": config.max_steps, "last_losses": last, "num_processes": nproc,
             "resumed_from": resumed_from, "seconds": round(time.time() - started, 1)}
         meta = checkpoint_meta(loaded.identity, previous, neurons, nmap, record)
-        save_model(unwrapped, tokenizer, config.out, extra_files={CHECKPOINT_FILE: meta})
+        save_model(unwrapped, tokenizer, config.out, extra_files={CHECKPOINT_FILE: meta},
+                   overwrite=config.overwrite)
         # scored after saving: TokenBatches sets the tokenizer's padding side
         scores = score_module(unwrapped, tokenizer, neurons, offensive.texts, clean.texts, config)
         write_module_map(config.out, loaded.identity, nmap, neurons, scores, region)

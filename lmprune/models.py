@@ -6,6 +6,7 @@ first load converts them once into a safetensors cache folder and later loads re
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import importlib
 import importlib.util
@@ -21,6 +22,7 @@ from torch import nn
 
 from lmprune.arch import layout_for
 from lmprune.errors import LmpruneError, first_line
+from lmprune.io import check_out_dir, check_safetensors, chmod_default, read_json
 
 
 @dataclass(frozen=True)
@@ -207,6 +209,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "cp
     if source.gguf_file:
         _convert_gguf_once(source)
     folder, kwargs = _loadable(source)
+    if Path(folder).is_dir():
+        check_safetensors(folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs
@@ -224,7 +228,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "cp
 def _identity(source: ModelSource, model: nn.Module, folder: str) -> dict:
     ident = {"name": source.name, "kind": source.kind, "model_type": model.config.model_type}
     if source.gguf_file:
-        meta = json.loads((Path(folder) / _SOURCE_FILE).read_text())
+        meta = read_json(Path(folder) / _SOURCE_FILE, "delete its cache folder to convert again")
         ident.update(gguf_file=source.gguf_file, weights_sha256=meta["gguf_sha256"])
     elif source.kind == "hub":
         ident["revision"] = getattr(model.config, "_commit_hash", None) or source.revision
@@ -232,7 +236,8 @@ def _identity(source: ModelSource, model: nn.Module, folder: str) -> dict:
         ident["weights_sha256"] = folder_weights_sha256(folder)
         lineage = Path(folder) / "lmprune.json"
         if lineage.is_file():  # a checkpoint lmprune wrote: keep its base model visible
-            ident["base_model"] = json.loads(lineage.read_text()).get("base_model")
+            meta = read_json(lineage, "prune or fine-tune again to rewrite it")
+            ident["base_model"] = meta.get("base_model")
     return ident
 
 
@@ -273,15 +278,19 @@ def _drop_quantizer(model: nn.Module) -> None:
 
 
 def save_model(model: nn.Module, tokenizer, out_dir: str | Path,
-               extra_files: dict[str, dict] | None = None) -> Path:
+               extra_files: dict[str, dict] | None = None, overwrite: bool = False) -> Path:
     """Save as safetensors + tokenizer (+ JSON side files), atomically: a complete folder or none.
 
-    An existing `out_dir` is replaced only once the new one is fully written.
+    An existing `out_dir` is replaced only once the new one is fully written, and only when it
+    is empty or a saved model folder (any folder with `overwrite`; a file never). Temporary
+    folders that a killed save left beside it are removed first.
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    given = Path(out_dir)
+    out_dir = check_out_dir(given.resolve(), "model", overwrite)  # `.` gets its real name
     _drop_quantizer(model)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    _remove_stale_temps(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
+    chmod_default(tmp, folder=True)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
@@ -299,7 +308,25 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | Path,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
+    return given
+
+
+def _remove_stale_temps(out_dir: Path) -> None:
+    """The temporary folders of saves into `out_dir` whose process is gone (killed mid-save)."""
+    for tmp in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.tmp-*"):
+        pid = tmp.name[len(out_dir.name) + 6:].partition("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def count_parameters(model: nn.Module) -> int:

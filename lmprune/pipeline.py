@@ -31,14 +31,17 @@ import yaml
 
 from lmprune.collect import CollectConfig
 from lmprune.config import build_config, load_yaml, option
-from lmprune.errors import LmpruneError
+from lmprune.errors import ConfigError, LmpruneError
 from lmprune.evaluate.command import EvalConfig
 from lmprune.finetune import FinetuneConfig
-from lmprune.io import write_text_atomic
+from lmprune.io import check_out_dir, write_text_atomic
 from lmprune.locate.run import LocateConfig
+from lmprune.lock import folder_lock
 from lmprune.prune import PruneConfig
 
 MARKERS = ".stages"
+# Settings that change how a stage treats its output path, not what it computes.
+UNHASHED = {"overwrite"}
 
 
 @dataclass
@@ -336,6 +339,7 @@ class Stage:
         so a moved or copied run folder is still up to date."""
         config = dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) \
             else self.config
+        config = {k: v for k, v in config.items() if k not in UNHASHED}
         text = json.dumps({"stage": self.name, "config": config}, sort_keys=True, default=str)
         return _digest({"settings": text.replace(str(root), "<run>"),
                         "inputs": [path_hash(p) for p in self.inputs],
@@ -550,6 +554,49 @@ def execute_stages(stages: list[Stage], folder: RunFolder, command: str = "run")
     return time.time() - started_all
 
 
+def check_stages(stages: list[Stage]) -> None:
+    """What the stages would refuse only once they are reached, checked before the first: each
+    fine-tuning's and evaluation's settings (named by recipe key, `finetune.batch_size`), and
+    every scorer and fluency judge they name, loaded once."""
+    from lmprune.evaluate import command as evaluate
+    from lmprune.evaluate.fluency import BASE_JUDGE
+    from lmprune.evaluate.scorers import load_scorer
+    from lmprune.finetune import _check_config
+    from lmprune.models import load_config, resolve_device
+
+    scorers: dict[tuple[str, str], str] = {}  # (spec, device) -> recipe key
+    judges: dict[str, str] = {}
+    for stage in stages:
+        section, cfg = stage.name.partition(":")[0], stage.config
+        try:
+            if isinstance(cfg, FinetuneConfig):
+                _check_config(cfg)
+                if cfg.eval_every > 0:
+                    scorers.setdefault((cfg.scorer, cfg.device), f"{section}.scorer")
+            elif isinstance(cfg, EvalConfig):
+                evaluate.check_config(cfg)
+                if cfg.toxicity and cfg.prompts.lower() != evaluate.SKIP:
+                    for spec in [cfg.scorer, *cfg.extra_scorers]:
+                        key = "scorer" if spec == cfg.scorer else "extra_scorers"
+                        scorers.setdefault((spec, cfg.device), f"{section}.{key}")
+                    if cfg.fluency_judge.lower() not in (evaluate.SKIP, BASE_JUDGE):
+                        judges.setdefault(cfg.fluency_judge, f"{section}.fluency_judge")
+        except ConfigError as err:
+            raise LmpruneError(err.recipe_message(section)) from None
+        except LmpruneError as err:
+            raise LmpruneError(f"{section}: {err}") from None
+    for (spec, device), key in scorers.items():
+        try:
+            load_scorer(spec, device=resolve_device(device))
+        except LmpruneError as err:
+            raise LmpruneError(f"{key}: scorer '{spec}' cannot be loaded: {err}") from None
+    for name, key in judges.items():
+        try:
+            load_config(name)
+        except LmpruneError as err:
+            raise LmpruneError(f"{key}: {err}") from None
+
+
 def record_recipe(folder: RunFolder, values: dict) -> None:
     """The recipe as run (after overrides), beside the results."""
     folder.root.mkdir(parents=True, exist_ok=True)
@@ -559,13 +606,17 @@ def record_recipe(folder: RunFolder, values: dict) -> None:
         write_text_atomic(record, text)
 
 
-def run_pipeline(recipe: Recipe) -> int:
+def run_pipeline(recipe: Recipe, overwrite: bool = False) -> int:
     """Run (or skip) every stage of the recipe; returns the exit code (1: a gate failed)."""
     from lmprune.evaluate.command import gate_failures
 
     folder = RunFolder(recipe.run.out)
-    record_recipe(folder, recipe.values)
-    seconds = execute_stages(plan_stages(recipe, folder), folder)
+    check_out_dir(folder.root, "run", overwrite)
+    stages = plan_stages(recipe, folder)
+    check_stages(stages)
+    with folder_lock(folder.root):
+        record_recipe(folder, recipe.values)
+        seconds = execute_stages(stages, folder)
     print(f"lmprune run: finished in {duration(seconds)}; report: {folder.report}", flush=True)
     final = json.loads(folder.eval_json(final_target(recipe)).read_text())
     failures = gate_failures(final)
@@ -584,7 +635,7 @@ def _now() -> str:
 
 def cmd_run(args) -> int:
     recipe = load_recipe(args.recipe, args.set or [], args.out)
-    return run_pipeline(recipe)
+    return run_pipeline(recipe, args.overwrite)
 
 
 def register(subparsers) -> None:
@@ -598,4 +649,7 @@ def register(subparsers) -> None:
                         help="Override a recipe value, e.g. collect.max_docs=200 or out=runs/x "
                              "(the value is read as YAML; repeatable).")
     parser.add_argument("--out", default=None, help="Run folder (overrides the recipe's out).")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Write into an existing --out folder that is not an lmprune run "
+                             "folder.")
     parser.set_defaults(func=cmd_run)

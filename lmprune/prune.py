@@ -7,7 +7,6 @@ re-applies them and masks gradients, so fine-tuning (and any later stage) keeps 
 
 from __future__ import annotations
 
-import json
 import math
 import shlex
 import sys
@@ -23,6 +22,7 @@ from lmprune import __version__
 from lmprune.arch import NeuronMap
 from lmprune.config import option, register_stage
 from lmprune.errors import LmpruneError
+from lmprune.io import check_out_dir, load_tensors, read_json
 from lmprune.models import check_identity
 
 CHECKPOINT_FILE = "lmprune.json"
@@ -59,10 +59,7 @@ def read_checkpoint_meta(folder: str | Path) -> dict | None:
     path = Path(folder) / CHECKPOINT_FILE
     if not path.is_file():
         return None
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise LmpruneError(f"{path} is not valid JSON ({err.msg})") from err
+    meta = read_json(path, "prune or fine-tune again to rewrite it")
     if not isinstance(meta.get("pruned_neurons", {}), dict):
         raise LmpruneError(f"{path}: 'pruned_neurons' must map layer -> neuron indices")
     return meta
@@ -186,17 +183,26 @@ def load_module_map(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise LmpruneError(f"module map not found: {path} (write one with `lmprune locate`)")
-    try:
-        mmap = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise LmpruneError(f"{path} is not valid JSON ({err.msg})") from err
+    mmap = read_json(path, "write it again with `lmprune locate`")
     if mmap.get("format") != "lmprune.modules" or not isinstance(mmap.get("modules"), list):
         raise LmpruneError(f"{path} is not an lmprune module map (format 'lmprune.modules' with "
                            f"a 'modules' list)")
     for module in mmap["modules"]:
-        if "id" not in module or not module.get("members"):
+        if not isinstance(module, dict) or "id" not in module or not module.get("members"):
             raise LmpruneError(f"{path}: every module needs an 'id' and non-empty 'members'")
+        bad = [m for m in module["members"] if not _is_member(m)]
+        if bad:
+            raise LmpruneError(f"{path}: module {module['id']} has member {bad[0]!r}; members "
+                               f"are [layer, neuron] pairs of integers")
+    if not isinstance(mmap.get("model"), dict) or not mmap["model"].get("model_type"):
+        raise LmpruneError(f"{path} does not say which model it was made for (no 'model' block "
+                           f"with model_type): write it again with `lmprune locate`")
     return mmap
+
+
+def _is_member(member) -> bool:
+    return (isinstance(member, list) and len(member) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in member))
 
 
 def check_module_map(mmap: dict, identity: dict, nmap: NeuronMap, where: str) -> None:
@@ -234,14 +240,17 @@ def parse_select(spec: str) -> Selection:
         if kind == "budget":
             percent = arg.endswith("%")
             value = float(arg[:-1]) if percent else int(arg)
-            if value <= 0 or (percent and value > 100):
+            if not value > 0 or (percent and value > 100):  # NaN is not > 0
                 raise ValueError
             return Selection("budget", value, percent)
         if kind == "ids":
             ids = tuple(int(x) for x in arg.split(","))
             return Selection("ids", len(ids), ids=ids)
         if kind == "target":
-            return Selection("target", float(arg))
+            value = float(arg)
+            if not math.isfinite(value):
+                raise ValueError
+            return Selection("target", value)
     except ValueError:
         raise LmpruneError(f"{usage}, not '{spec}'") from None
     raise LmpruneError(f"{usage}, not '{spec}'")
@@ -339,19 +348,17 @@ def make_gap_fn(model: nn.Module, tokenizer, offensive: list[str], clean: list[s
 
 def load_auroc(stats_dir: str | Path, identity: dict, nmap: NeuronMap) -> torch.Tensor:
     """AUROC per neuron [L, W] from a collect folder, checked against the loaded model."""
-    from safetensors.torch import load_file
-
     stats_dir = Path(stats_dir)
     path = stats_dir / "stats.safetensors"
     if not path.is_file():
         raise LmpruneError(f"no stats.safetensors in {stats_dir} (write it with `lmprune collect`)")
     manifest = stats_dir / "manifest.json"
     if manifest.is_file():
-        meta = json.loads(manifest.read_text())
+        meta = read_json(manifest, "collect the statistics again")
         recorded = dict(meta.get("model") or {}, num_layers=meta.get("num_layers"),
                         neurons_per_layer=meta.get("neurons_per_layer"))
         check_identity(recorded, identity, nmap, f"stats {stats_dir}")
-    tensors = load_file(path)
+    tensors = load_tensors(path, "collect the statistics again")
     if "auroc" not in tensors:
         raise LmpruneError(f"{path} has no 'auroc' tensor")
     auroc = tensors["auroc"].float()
@@ -497,6 +504,8 @@ class PruneConfig:
     dtype: str = option("float32", "Weights dtype.",
                         choices=["auto", "float32", "bfloat16", "float16"])
     device: str = option("cpu", "Device: cpu, cuda, cuda:N or auto.")
+    overwrite: bool = option(False, "Replace an existing --out folder that is not an lmprune "
+                             "checkpoint (its files are lost).")
 
 
 @dataclass
@@ -679,10 +688,11 @@ def run(config: PruneConfig) -> int:
 
     if not config.out:
         raise LmpruneError("--out DIR is required (the folder of the pruned checkpoint)")
+    check_out_dir(config.out, "checkpoint", config.overwrite)
     loaded = load_model(config.model, dtype=config.dtype, device=config.device)
     meta = prune_model(config, loaded)
     save_model(loaded.model, loaded.tokenizer, config.out,
-               extra_files={CHECKPOINT_FILE: meta})
+               extra_files={CHECKPOINT_FILE: meta}, overwrite=config.overwrite)
     what = ("removed" if config.physical else "zeroed")
     print(f"{what} {meta['num_pruned']:,} neurons ({meta['fraction_pruned']:.2%}) "
           f"[{config.mode}] -> {config.out}")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from lmprune import __version__
 from lmprune.config import option, register_stage
-from lmprune.errors import LmpruneError
-from lmprune.io import write_text_atomic
+from lmprune.errors import ConfigError, LmpruneError
+from lmprune.io import check_out_file, write_text_atomic
 
 EXIT_OK, EXIT_GATE_FAILED = 0, 1
 SKIP = "none"
@@ -88,6 +88,8 @@ class EvalConfig:
     fail_below: list[str] = option([], "Gate METRIC=VALUE: exit 1 if the metric is below "
                                    "VALUE (repeatable).")
     progress: bool = option(True, "Show progress bars.")
+    overwrite: bool = option(False, "Replace an existing --json file that is not an lmprune "
+                             "result.")
 
 
 @dataclass
@@ -115,7 +117,9 @@ def parse_gates(above: list[str], below: list[str]) -> list[Gate]:
             try:
                 limit = float(value)
             except ValueError:
-                raise LmpruneError(f"{flag} '{spec}': '{value}' is not a number") from None
+                limit = math.nan
+            if not math.isfinite(limit):
+                raise LmpruneError(f"{flag} '{spec}': '{value}' is not a finite number") from None
             if "." not in metric and metric not in METRIC_ALIASES:
                 raise LmpruneError(f"{flag} '{spec}': unknown metric '{metric}'; use one of "
                                    f"{', '.join(METRIC_ALIASES)} or a dotted path into the "
@@ -169,13 +173,11 @@ def evaluate(config: EvalConfig) -> dict:
     from lmprune.data import load_corpus
     from lmprune.models import load_model
 
-    gates = parse_gates(config.fail_above, config.fail_below)  # bad gates fail before work
+    gates = check_config(config)  # bad settings and outputs fail before work
+    if config.json:
+        check_out_file(config.json, "lmprune.eval", config.overwrite, "--json")
     do_toxicity = config.toxicity and config.prompts.lower() != SKIP
     do_perplexity = config.perplexity and config.ppl_data.lower() != SKIP
-    if not (do_toxicity or do_perplexity or config.blimp.lower() != SKIP):
-        raise LmpruneError("nothing to evaluate: toxicity, perplexity and BLiMP are skipped")
-    if config.limit is not None and config.limit < 1:
-        raise LmpruneError(f"--limit must be at least 1, not {config.limit}")
     # Read inputs, load the scorers and the judge before sampling: bad input fails fast.
     prompts = load_corpus(config.prompts, config.limit) if do_toxicity else None
     ppl_corpus = load_corpus(config.ppl_data) if do_perplexity else None
@@ -244,16 +246,40 @@ def evaluate(config: EvalConfig) -> dict:
                                             progress=config.progress), "source": source}
     result["elapsed_s"] = round(time.perf_counter() - started, 3)
 
-    check_gates(result, gates)
-    if config.json:
-        out = Path(config.json)
-        if records is not None:
-            side = records_path(out)
-            write_text_atomic(side, "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                       for r in records))
-            result["toxicity"]["records_file"] = side.name
-        write_text_atomic(out, json.dumps(result, indent=2) + "\n")
+    try:
+        check_gates(result, gates)
+    finally:  # a gate that cannot be read still leaves the measurements on disk
+        if config.json:
+            _write_result(Path(config.json), result, records)
     return result
+
+
+def _write_result(out: Path, result: dict, records: list[dict] | None) -> None:
+    if records is not None:
+        side = records_path(out)
+        write_text_atomic(side, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                   for r in records))
+        result["toxicity"]["records_file"] = side.name
+    write_text_atomic(out, json.dumps(result, indent=2) + "\n")
+
+
+def check_config(config: EvalConfig) -> list[Gate]:
+    """Settings an evaluation would refuse only after its work; returns the parsed gates."""
+    gates = parse_gates(config.fail_above, config.fail_below)
+    measured = {"toxicity": config.toxicity and config.prompts.lower() != SKIP,
+                "perplexity": config.perplexity and config.ppl_data.lower() != SKIP,
+                "blimp": config.blimp.lower() != SKIP}
+    measured["fluency"] = measured["toxicity"] and config.fluency_judge.lower() != SKIP
+    if not any(measured.values()):
+        raise LmpruneError("nothing to evaluate: toxicity, perplexity and BLiMP are skipped")
+    if config.limit is not None and config.limit < 1:
+        raise ConfigError("limit", f"must be at least 1, not {config.limit}")
+    for gate in gates:
+        part = gate.path.split(".")[0]
+        if measured.get(part) is False:
+            raise LmpruneError(f"gate '{gate.spec}': {gate.path} is not in the result "
+                               f"({part} is skipped): drop the gate or measure {part}")
+    return gates
 
 
 def _load_judge(config: EvalConfig, loaded):

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from lmprune import __version__
 from lmprune.arch import NeuronMap
 from lmprune.config import option, register_stage
 from lmprune.errors import LmpruneError
-from lmprune.io import write_json_atomic
+from lmprune.io import check_out_file, load_tensors, read_json, write_json_atomic
 from lmprune.locate.cluster import cluster, clusterability
 from lmprune.locate.graph import correlation_from_gram, knn_affinity
 from lmprune.locate.score import (
@@ -96,6 +94,7 @@ class LocateConfig:
     dtype: str = option("float32", "Model dtype.", choices=["auto", "float32", "bfloat16"])
     seed: int = option(0, "Seed for clustering, controls and shuffles.")
     plots: bool = option(True, "Write PNG plots beside the module map.")
+    overwrite: bool = option(False, "Replace an existing --out file that is not a module map.")
 
 
 def read_stats(folder: str | Path) -> tuple[dict, dict, dict]:
@@ -104,15 +103,18 @@ def read_stats(folder: str | Path) -> tuple[dict, dict, dict]:
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         raise LmpruneError(f"{folder} has no manifest.json: run `lmprune collect --out {folder}`")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_json(manifest_path, "collect the statistics again")
+    if not isinstance(manifest.get("model"), dict) or not isinstance(manifest.get("corpora"), dict):
+        raise LmpruneError(f"{manifest_path} is not a collect manifest (no 'model' and "
+                           f"'corpora'): collect the statistics again")
     if not manifest.get("complete", False):
         raise LmpruneError(f"{folder} holds an unfinished collection: rerun the same "
                            f"`lmprune collect` command to resume it")
     for name in ("stats.safetensors", "coact.safetensors"):
         if not (folder / name).is_file():
             raise LmpruneError(f"{folder} has no {name}: the collection is incomplete")
-    return manifest, load_file(folder / "stats.safetensors"), load_file(folder /
-                                                                         "coact.safetensors")
+    return (manifest, load_tensors(folder / "stats.safetensors", "collect the statistics again"),
+            load_tensors(folder / "coact.safetensors", "collect the statistics again"))
 
 
 def _layer_graphs(cfg: LocateConfig, coact: dict, candidates: np.ndarray | None = None
@@ -178,6 +180,7 @@ def locate(cfg: LocateConfig) -> dict:
     started = time.time()
     if not cfg.stats:
         raise LmpruneError("locate needs --stats DIR (the output of `lmprune collect`)")
+    check_out_file(cfg.out, "lmprune.modules", cfg.overwrite)
     manifest, stats, coact = read_stats(cfg.stats)
     loaded = load_model(cfg.model or manifest["model"]["name"], dtype=cfg.dtype,
                         device=cfg.device)
