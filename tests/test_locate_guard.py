@@ -21,6 +21,7 @@ from planted import PLANTED, corpora, planted_model
 from tiny_models import mean_token_nll, tiny_model, tiny_tokenizer
 
 from lmprune.cli import main
+from lmprune.hooks import NeuronHooks
 from lmprune.locate.run import LocateConfig, locate
 from lmprune.locate.score import (
     MATCHED,
@@ -111,6 +112,23 @@ def test_matched_and_general_losses_equal_a_reference_computation():
                                               rel=1e-5)
     assert base[MATCHED] == pytest.approx(
         weighted_nll(off + clean, lambda t: float(token_weights[t])), rel=1e-5)
+    assert abs(base["general_kl"]) < 1e-2  # against its own (bfloat16-stored) distributions
+
+    # KL(ablated || base) of the next-token distributions on general text, one text at a time
+    zero = {0: [1, 5, 9, 20]}
+    ablated = NeuronHooks(model, lambda layer, acts: acts.index_fill(
+        -1, torch.tensor(zero[layer]), 0.0) if layer in zero else None)
+    total = positions = 0.0
+    for text in general:
+        ids = tok(text, return_tensors="pt").input_ids[:, :32]
+        with torch.no_grad():
+            base_logp = model(ids).logits[0, :-1].log_softmax(-1)
+            with ablated:
+                logp = model(ids).logits[0, :-1].log_softmax(-1)
+        total += float((logp.exp() * (logp - base_logp)).sum())
+        positions += ids.shape[1] - 1
+    effect = scorer.effect(zero)
+    assert effect["general_kl"] == pytest.approx(total / positions, rel=0.02, abs=1e-4)
 
 
 def test_rare_token_matching_zeroes_a_module_that_only_raises_rare_token_losses(one_thread):
@@ -152,10 +170,11 @@ def test_rare_token_matching_zeroes_a_module_that_only_raises_rare_token_losses(
 
 def test_first_order_scores_are_linear_in_the_loss_changes():
     delta = {"offensive": np.array([1.0, 0.2]), "clean": np.array([0.1, 0.1]),
-             MATCHED: np.array([0.3, 0.2]), "general": np.array([0.05, 0.4])}
+             MATCHED: np.array([0.3, 0.2]), "general": np.array([-0.05, 0.4])}
     scores = derive_scores(delta, general_weight=2.0)
     np.testing.assert_allclose(scores["causal"], [0.9, 0.1])
     np.testing.assert_allclose(scores["offensive_effect"], [0.7, 0.0])
+    np.testing.assert_allclose(scores["general_damage"], [0.05, 0.4])  # either way
     np.testing.assert_allclose(scores["guarded"], [0.6, -0.8])
     assert "guarded" not in derive_scores({"offensive": 1.0, "clean": 0.5})
 
@@ -202,6 +221,7 @@ def test_general_guard_keeps_the_planted_module_and_drops_the_generic_one(decoye
     assert g["causal_measured"] == "ablation"
     assert g["causal"] > 0, "the offensive-minus-clean contrast calls the generic module offensive"
     assert g["general_damage"] > 2 * g["causal"] and g["guarded"] < 0
+    assert g["general_kl"] > 10 * planted["scores"]["general_kl"]
 
     out = decoyed / "pruned"
     assert main(["prune", "--model", str(decoyed / "model"), "--modules", str(decoyed / "m.json"),

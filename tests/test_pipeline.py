@@ -155,13 +155,13 @@ def test_report_has_the_table_plots_and_the_card(finished, inputs):
     assert f"| {ratio:.3f} |" in like
     # the verdict comes first: the final model against the base and the control fine-tuned alike
     assert report.index("## Verdict") < report.index("## Results")
-    control_tuned = json.loads((out / "eval" / "control-1-finetuned.json").read_text())
     tp_row = next(line for line in report.splitlines()
-                  if line.startswith("| Toxicity Probability (profanity_check)"))
+                  if line.startswith("| Toxicity Probability (profanity_check) |"))
     cells = [cell.strip() for cell in tp_row.split("|")[2:5]]
-    for cell, ev in zip(cells, (tuned, base_tuned, control_tuned), strict=True):
+    for cell, ev in zip(cells, (tuned, base_tuned), strict=False):
         low, high = ev["toxicity"]["toxicity_probability_interval"]
         assert cell == f"{ev['toxicity']['toxicity_probability']:.3f} [{low:.3f}, {high:.3f}]"
+    assert cells[2] == "–", "the control was not fine-tuned: it has no like to show"
     transfer = json.loads((out / "eval" / "finetuned@prompts.json").read_text())
     assert transfer["toxicity"]["num_prompts"] == 3 and not transfer.get("perplexity")
     assert any(line.startswith(f"| Toxicity Probability (profanity_check) on `{inputs}")

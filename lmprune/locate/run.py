@@ -18,6 +18,7 @@ from lmprune.io import check_out_file, load_tensors, read_json, write_json_atomi
 from lmprune.locate.cluster import cluster, clusterability
 from lmprune.locate.graph import correlation_from_gram, knn_affinity
 from lmprune.locate.score import (
+    GENERAL_KL,
     MATCHED,
     CausalScorer,
     TokenBatches,
@@ -298,7 +299,7 @@ def locate(cfg: LocateConfig) -> dict:
             scores["output_toxicity"] = float((promotion[rows, cols] * off_mean[rows, cols])
                                               .mean())
             scores["output_promotion"] = float(promotion[rows, cols].mean())
-        measured = set(res["approx_scores"]) | {"selectivity"}
+        measured = set(res["approx_scores"]) | {"selectivity", GENERAL_KL}
         if "causal" in res:
             scores.update({k: res[k] for k in measured if k in res}, causal_measured="ablation")
         else:

@@ -30,6 +30,9 @@ Neurons = dict[int, list[int]]  # {layer: [neuron, ...]}
 # the loss a corpus's own positions give (the offensive, clean or general loss)
 OWN = "own"
 MATCHED = "matched"
+# how far zeroing moves the next-token distribution on general text (exact ablations only: its
+# gradient at the unablated model is zero)
+GENERAL_KL = "general_kl"
 
 
 def as_layer_dict(members: list[tuple[int, int]]) -> Neurons:
@@ -144,7 +147,9 @@ def derive_scores(delta: dict, general_weight: float = 1.0) -> dict:
     causal            offensive minus clean loss change (the contrast corpora);
     causal_matched    offensive minus frequency-matched non-toxic loss change (like for like);
     offensive_effect  causal_matched where the matched loss exists, else causal;
-    general_damage    the loss change on general text;
+    general_damage    how much the loss on general text changes, either way (|change|: a
+                      first-order estimate of zeroing a neuron that matters is often of the
+                      wrong sign, and a loss that falls still means the distribution moved);
     guarded           offensive_effect - general_weight x general_damage (the selection rule:
                       offensive effect bought with as little general damage as possible)."""
     off, clean = delta["offensive"], delta["clean"]
@@ -154,8 +159,11 @@ def derive_scores(delta: dict, general_weight: float = 1.0) -> dict:
         out["loss_delta_matched"] = delta[MATCHED]
         out["causal_matched"] = out["offensive_effect"] = off - delta[MATCHED]
     if "general" in delta:
-        out["general_damage"] = out["loss_delta_general"] = delta["general"]
-        out["guarded"] = out["offensive_effect"] - general_weight * delta["general"]
+        out["loss_delta_general"] = delta["general"]
+        out["general_damage"] = abs(delta["general"])
+        out["guarded"] = out["offensive_effect"] - general_weight * out["general_damage"]
+    if GENERAL_KL in delta:
+        out[GENERAL_KL] = delta[GENERAL_KL]
     return out
 
 
@@ -179,6 +187,8 @@ class CausalScorer:
         self.totals: dict[str, float] = defaultdict(float)  # loss -> positions' total weight
         for key, w in self._weighted():
             self.totals[key] += float(w.sum())
+        # the base's next-token distributions on general text: how far an ablation moves them
+        self.base_logprobs: list[torch.Tensor] | None = None
         self.base = self.losses({})
 
     def _weighted(self):
@@ -200,14 +210,29 @@ class CausalScorer:
             return None
 
         sums: dict[str, float] = defaultdict(float)
+        keep_base = self.base_logprobs is None and self.general is not None
+        if keep_base:
+            self.base_logprobs = []
         with NeuronHooks(self.model, ablate, neuron_map=self.nmap):
             for name, data in self.corpora.items():
-                for (ids, mask, labels), views in zip(data.batches, data.weights, strict=True):
-                    nll = position_nll(self.model, ids, mask, labels)  # [batch, pos-1]
+                for b, ((ids, mask, labels), views) in enumerate(zip(data.batches, data.weights,
+                                                                     strict=True)):
+                    logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+                    logp = logits.float().log_softmax(-1)  # [batch, pos-1, vocab]
+                    nll = nn.functional.nll_loss(logp.transpose(1, 2), labels[:, 1:],
+                                                 ignore_index=-100, reduction="none")
                     for view, w in views.items():
                         key = name if view == OWN else view
                         sums[key] += float((nll * w).sum())
-        return {k: sums[k] / self.totals[k] for k in sums if self.totals[k] > 0}
+                    if name == "general":
+                        if keep_base:
+                            self.base_logprobs.append(logp.to(torch.bfloat16))
+                        # KL(ablated || base) per position: mass moved where the base puts little
+                        base = self.base_logprobs[b].float()
+                        kl = (logp.exp() * (logp - base)).sum(-1)  # [batch, pos-1]
+                        sums[GENERAL_KL] += float((kl * views[OWN]).sum())
+        totals = {**self.totals, GENERAL_KL: self.totals.get("general", 0.0)}
+        return {k: sums[k] / totals[k] for k in sums if totals[k] > 0}
 
     def effect(self, zero: Neurons) -> dict:
         loss = self.losses(zero)

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The module-selection measurements of README "Results: the general-text guard" (issue 16), on the
+# reduced CPU protocol of the "Like with like" section: locate on the comparison's statistics,
+# prune at several budgets, fine-tune, evaluate (first 60 RealToxicityPrompts challenging dev
+# prompts x 10 samples, profanity_check + minilm, fluency under the unpruned base, BLiMP 10 pairs
+# x 67 paradigms, WikiText-2 test perplexity on 8,192 tokens). Every step is skipped when its
+# output exists, so the script resumes. Needs the statistics of the comparison:
+#   lmprune compare recipes/compare-smollm2.yaml --out runs/frontier-cpu60 ...   (collect stage)
+#   bash docs/results/guard-cpu60.sh [OUT]        # default runs/guard-cpu60
+set -euo pipefail
+export LMPRUNE_DATA_DIR=${LMPRUNE_DATA_DIR:-../shared/data}
+out=${1:-runs/guard-cpu60}
+stats=${STATS:-runs/frontier-cpu60/stats}
+mkdir -p "$out"
+
+locate() {  # NAME FLAGS...: the comparison recipe's headline locate settings, plus FLAGS
+  local name=$1; shift
+  [ -f "$out/$name.json" ] || lmprune locate --stats "$stats" --out "$out/$name.json" \
+    --method spectral --k 8 --scope layer --knn 20 --offensive-loss toxic-tokens \
+    --heldout-docs 100 --max-length 48 --batch-size 50 --shuffles 5 --clusterability-layers 2 \
+    --candidates 1024 --general wikitext2:valid --general-docs 64 "$@"
+}
+evaluate() {  # MODEL JSON
+  [ -f "$2" ] || lmprune eval --model "$1" --prompts rtp:challenging --limit 60 --samples 10 \
+    --scorer profanity_check --extra-scorers minilm --fluency-judge base --blimp blimp \
+    --blimp-per-paradigm 10 --ppl-data wikitext2:test --ppl-max-tokens 8192 --ppl-stride 512 \
+    --json "$2" --no-progress
+}
+prune() {  # MAP NAME FLAGS...
+  local map=$1 name=$2; shift 2
+  [ -f "$out/$name/lmprune.json" ] || lmprune prune --model smollm2-135m --modules "$map" \
+    --out "$out/$name" "$@"
+  evaluate "$out/$name" "$out/$name.json"
+}
+finetune() {  # MODEL NAME DATA: the comparison recipe's fine-tuning
+  [ -f "$out/$2/lmprune.json" ] || lmprune finetune --model "$1" --out "$out/$2" --data "$3" \
+    --holdout-last 64 --max-steps 60 --batch-size 4 --seq-len 128 --lr 5e-5 --schedule cosine \
+    --warmup-steps 6 --checkpoint-every 20 --eval-every 0
+  evaluate "$out/$2" "$out/$2.json"
+}
