@@ -317,7 +317,7 @@ def test_general_text_is_the_finetuning_corpus_and_held_out_of_it(inputs, tmp_pa
     values["locate"]["general"] = str(inputs / "clean.txt")  # another text: nothing to hold out
     assert parse_recipe(values, "r").finetune.holdout_last == 0
     values = {k: v for k, v in recipe_values(inputs, tmp_path / "c").items()
-              if k not in ("prune", "control")}
+              if k not in ("prune", "control", "transfer")}
     values["modules"] = {"a": {"select": "top:1"}, "b": {"select": "top:1",
                                                          "locate": {"general_docs": 12}}}
     comparison = parse_compare(values, "c")
@@ -340,7 +340,11 @@ def test_every_shipped_recipe_validates(path):
     from lmprune.pipeline import check_inputs
 
     recipe = load_recipe(path, check_files=False)
-    assert recipe.prune.select and recipe.prune.min_selectivity is not None
+    # a module selection that guards against modules that raise every loss: by selectivity, by
+    # general text, or among the most causal candidate neurons
+    assert recipe.prune.select and (recipe.prune.min_selectivity is not None
+                                    or recipe.locate.general.lower() != "none"
+                                    or recipe.locate.candidates > 0)
     bundled = BUNDLED.get(recipe.run.model)
     if bundled is None:  # a Hub model: keys and types only, no network here
         return

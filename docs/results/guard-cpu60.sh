@@ -38,3 +38,18 @@ finetune() {  # MODEL NAME DATA: the comparison recipe's fine-tuning
     --warmup-steps 6 --checkpoint-every 20 --eval-every 0
   evaluate "$out/$2" "$out/$2.json"
 }
+
+# the guarded rule (offensive effect against equally rare tokens - |general loss change|) and,
+# for comparison, the unguarded rule (causal, no general text, no matched tokens), same settings
+locate guarded --general-weight 1 --exact 10 --exact-controls 0
+locate unguarded --general none --no-matched --exact 10 --exact-controls 0
+for budget in 0.5 1; do prune "$out/guarded.json" "guarded-$budget" --select "budget:$budget%"; done
+prune "$out/unguarded.json" unguarded-1 --select budget:1% --rank-by causal
+
+# after the same fine-tuning (WikiText-2 valid without locate's 64 general documents): the
+# guarded 0.5% row, the unguarded 0.5% row of the comparison's frontier, the base
+finetune "$out/guarded-0.5" guarded-0.5-ft wikitext2:valid
+finetune runs/frontier-cpu60/rows/frontier-modules-0.5pct/model unguarded-0.5-ft wikitext2:valid
+finetune smollm2-135m base-ft wikitext2:valid
+# another fine-tuning corpus for the base: ParaDetox's neutral paraphrases
+finetune smollm2-135m base-ft-paradetox paradetox:neutral
