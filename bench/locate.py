@@ -10,7 +10,7 @@ pass over the same held-out tokens (1.0 means the hooks cost nothing).
 
     python bench/locate.py                      # collects stats once into runs/bench-locate
     python bench/locate.py --docs 300 --exact 50 --controls 20 --exact-controls 5
-    python bench/locate.py --only-recipe        # the headline row's locate alone
+    python bench/locate.py --only-recipe --row guarded-1pct   # one row's locate alone
 """
 
 from __future__ import annotations
@@ -73,11 +73,11 @@ def machine() -> str:
             f"threads {torch.get_num_threads()}")
 
 
-def recipe_locate(path: str, out: Path) -> dict:
-    """The comparison recipe's headline row, located on the benchmark's stats: wall time
-    against the 15-minute target, and its parts."""
+def recipe_locate(path: str, row_name: str | None, out: Path) -> dict:
+    """A comparison recipe's row (default its headline), located on the benchmark's stats: wall
+    time against the 15-minute target, and its parts."""
     recipe = load_compare(path)
-    row = next(r for r in recipe.rows if r.name == (recipe.compare.headline or recipe.rows[0].name))
+    row = next(r for r in recipe.modules if r.name == row_name) if row_name else recipe.headline
     cfg = replace(row.locate, stats=str(out / "stats"), out=str(out / "modules-recipe.json"),
                   model="smollm2-135m", plots=False)
     started = time.perf_counter()
@@ -99,12 +99,13 @@ def main() -> None:
     parser.add_argument("--shuffles", type=int, default=20)
     parser.add_argument("--recipe", default="recipes/compare-smollm2.yaml",
                         help="Comparison recipe whose headline row's locate is timed.")
+    parser.add_argument("--row", help="The recipe's row to time (default: its headline).")
     parser.add_argument("--only-recipe", action="store_true",
                         help="Time the recipe's locate only (not the two scopes).")
     args = parser.parse_args()
     out = Path(args.out)
     collect_once(out / "stats", args.docs)
-    recipe = recipe_locate(args.recipe, out)
+    recipe = recipe_locate(args.recipe, args.row, out)
     if args.only_recipe:
         print(json.dumps({"bench": "locate", "machine": machine(), "recipe": recipe}))
         return
