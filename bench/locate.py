@@ -46,14 +46,17 @@ def collect_once(out: Path, docs: int) -> None:
 
 
 def plain_forward_seconds(result: dict, repeats: int = 3) -> float:
-    """One plain forward pass over the held-out offensive and clean texts the scores used."""
+    """One plain forward pass over the held-out texts the scores used (offensive, clean and,
+    where scored, general)."""
     from lmprune.data import load_corpus
 
     loaded = load_model("smollm2-135m")
     settings, heldout = result["settings"], result["heldout"]
     batches = []
-    for corpus in ("offensive", "clean"):
-        info = heldout[corpus]
+    for corpus in ("offensive", "clean", "general"):
+        info = heldout.get(corpus)
+        if info is None:
+            continue
         texts = load_corpus(info["spec"]).texts[info["first"]:info["first"] + info["documents"]]
         batches.append(TokenBatches.build(loaded.tokenizer, texts, settings["max_length"],
                                           settings["batch_size"], "cpu"))

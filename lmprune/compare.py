@@ -45,6 +45,7 @@ from lmprune.pipeline import (
     check_stages,
     duration,
     execute_stages,
+    general_from_finetune,
     hold_out_general,
     record_recipe,
 )
@@ -146,11 +147,8 @@ def parse_compare(values: dict, name: str) -> CompareRecipe:
 
     collect = stage(CollectConfig, "collect", _section(values, "collect"),
                     {"model", "out", "resume"})
-    locate_values = _section(values, "locate")
     finetune_values = values.get("finetune")
-    if isinstance(finetune_values, dict) and finetune_values.get("data"):
-        # general damage is measured on the text the model is then tuned on
-        locate_values = {"general": finetune_values["data"], **locate_values}
+    locate_values = general_from_finetune(_section(values, "locate"), finetune_values)
     locate = stage(LocateConfig, "locate", locate_values, {"model", "stats", "out"})
     evaluation = stage(EvalConfig, "eval", _section(values, "eval"), {"model", "json"})
     if evaluation.fail_above or evaluation.fail_below:

@@ -184,16 +184,23 @@ def parse_recipe(values: dict, name: str) -> Recipe:
                                f"together); remove it from the recipe")
         if run.device and "device" in {f.name for f in dataclasses.fields(cls)}:
             given = {"device": run.device, **given}
+        if section == "locate":
+            given = general_from_finetune(given, values.get("finetune"))
         configs[section] = build_config(cls, given, where=section)
     if "finetune" not in values:
         configs["finetune"] = None
-    if configs["finetune"] is not None and "general" not in (values.get("locate") or {}):
-        configs["locate"] = dataclasses.replace(configs["locate"],
-                                                general=configs["finetune"].data)
     configs["finetune"] = hold_out_general(configs["finetune"], values.get("finetune"),
                                            [configs["locate"]])
     _check_options(configs["prune"], configs["eval"])
     return Recipe(name=name, run=run, values=values, **configs)
+
+
+def general_from_finetune(locate: dict, finetune: dict | None) -> dict:
+    """locate's settings with `general` defaulting to the fine-tuning corpus: general damage
+    is measured on the text the model is then tuned on."""
+    if isinstance(finetune, dict) and finetune.get("data"):
+        return {"general": finetune["data"], **locate}
+    return locate
 
 
 def hold_out_general(finetune: FinetuneConfig | None, given: dict | None,
@@ -410,9 +417,11 @@ def like_targets(recipe: Recipe) -> dict[str, str | None]:
     final = final_target(recipe)
     tuned = "-finetuned" if final == "finetuned" else ""
     seeds = recipe.control.seeds
-    base = "base-finetuned" if tuned and recipe.control.finetune_base else None if tuned else "base"
-    control = (f"control-{seeds[0]}{tuned}" if seeds and (not tuned or recipe.control.finetune)
-               else None)
+    if tuned:  # the likes exist only where the recipe fine-tunes them too
+        base = "base-finetuned" if recipe.control.finetune_base else None
+        control = f"control-{seeds[0]}{tuned}" if seeds and recipe.control.finetune else None
+    else:
+        base, control = "base", f"control-{seeds[0]}" if seeds else None
     return {"result": final, "base": base, "control": control}
 
 

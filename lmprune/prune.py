@@ -554,9 +554,11 @@ def reweighted(modules: list[dict], weight: float) -> list[dict]:
     if missing:
         raise LmpruneError(f"--general-weight needs scores.offensive_effect and general_damage; "
                            f"modules {missing[:5]} have none: locate with --general SPEC")
-    return [{**m, "scores": {**m["scores"], "guarded_reweighted":
-                             m["scores"]["offensive_effect"]
-                             - weight * m["scores"]["general_damage"]}} for m in modules]
+    from lmprune.locate.score import guarded_score
+
+    return [{**m, "scores": {**m["scores"], "guarded_reweighted": guarded_score(
+        m["scores"]["offensive_effect"], m["scores"]["general_damage"], weight)}}
+            for m in modules]
 
 
 def selective_modules(modules: list[dict], min_selectivity: float | None) -> list[dict]:

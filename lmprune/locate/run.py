@@ -37,7 +37,7 @@ RULES = {
     "causal_matched": "loss change on the toxic tokens minus that on equally rare non-toxic "
                       "tokens",
     "guarded": "offensive effect (causal_matched where measured, else causal) minus "
-               "general_weight x the loss change on general text",
+               "general_weight x the size of the loss change on general text, either way",
 }
 
 

@@ -129,15 +129,34 @@ def frequency_matched_weights(targets: Counter, pool: Counter, reference: Counte
     return weights
 
 
+def next_token_logprobs(model: nn.Module, ids, mask) -> torch.Tensor:
+    """Log-probabilities of the next token at every position [batch, pos-1, vocab]."""
+    return model(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
+
+
+def nll_of(logprobs: torch.Tensor, labels) -> torch.Tensor:
+    """NLL of the labels' next tokens [batch, pos-1] (0 on padding)."""
+    return nn.functional.nll_loss(logprobs.transpose(1, 2), labels[:, 1:], ignore_index=-100,
+                                  reduction="none")
+
+
 def position_nll(model: nn.Module, ids, mask, labels) -> torch.Tensor:
     """Next-token NLL of every position [batch, pos-1] (0 on padding)."""
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # [batch, pos-1, vocab]
-    return nn.functional.cross_entropy(logits.float().transpose(1, 2), labels[:, 1:],
-                                       ignore_index=-100, reduction="none")
+    return nll_of(next_token_logprobs(model, ids, mask), labels)
 
 
 def summed_nll(model: nn.Module, ids, mask, labels) -> torch.Tensor:
     return position_nll(model, ids, mask, labels).sum()
+
+
+def loss_name(corpus: str, view: str) -> str:
+    """The loss a view of a corpus's positions feeds: the corpus's own, or a pooled one."""
+    return corpus if view == OWN else view
+
+
+def guarded_score(offensive_effect, general_damage, general_weight: float):
+    """The selection rule: offensive effect bought with as little general damage as possible."""
+    return offensive_effect - general_weight * general_damage
 
 
 def derive_scores(delta: dict, general_weight: float = 1.0) -> dict:
@@ -161,7 +180,8 @@ def derive_scores(delta: dict, general_weight: float = 1.0) -> dict:
     if "general" in delta:
         out["loss_delta_general"] = delta["general"]
         out["general_damage"] = abs(delta["general"])
-        out["guarded"] = out["offensive_effect"] - general_weight * out["general_damage"]
+        out["guarded"] = guarded_score(out["offensive_effect"], out["general_damage"],
+                                       general_weight)
     if GENERAL_KL in delta:
         out[GENERAL_KL] = delta[GENERAL_KL]
     return out
@@ -196,7 +216,7 @@ class CausalScorer:
         for name, data in self.corpora.items():
             for views in data.weights:
                 for view, w in views.items():
-                    yield (name if view == OWN else view), w
+                    yield loss_name(name, view), w
 
     @torch.no_grad()
     def losses(self, zero: Neurons) -> dict[str, float]:
@@ -217,13 +237,10 @@ class CausalScorer:
             for name, data in self.corpora.items():
                 for b, ((ids, mask, labels), views) in enumerate(zip(data.batches, data.weights,
                                                                      strict=True)):
-                    logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-                    logp = logits.float().log_softmax(-1)  # [batch, pos-1, vocab]
-                    nll = nn.functional.nll_loss(logp.transpose(1, 2), labels[:, 1:],
-                                                 ignore_index=-100, reduction="none")
+                    logp = next_token_logprobs(self.model, ids, mask)  # [batch, pos-1, vocab]
+                    nll = nll_of(logp, labels)  # [batch, pos-1]
                     for view, w in views.items():
-                        key = name if view == OWN else view
-                        sums[key] += float((nll * w).sum())
+                        sums[loss_name(name, view)] += float((nll * w).sum())
                     if name == "general":
                         if keep_base:
                             self.base_logprobs.append(logp.to(torch.bfloat16))
@@ -265,8 +282,8 @@ class CausalScorer:
                     for (ids, mask, labels), views in zip(data.batches, data.weights,
                                                           strict=True):
                         nll = position_nll(self.model, ids, mask, labels)  # [batch, pos-1]
-                        live = [(name if v == OWN else v, w) for v, w in views.items()]
-                        live = [(k, w) for k, w in live if k in grads]
+                        live = [(loss_name(name, v), w) for v, w in views.items()
+                                if loss_name(name, v) in grads]
                         for n, (key, w) in enumerate(live):
                             parts = torch.autograd.grad((nll * w).sum() / totals[key], gates,
                                                         retain_graph=n < len(live) - 1)
@@ -371,7 +388,6 @@ def screen_and_score(scorer: CausalScorer, modules: list[Neurons], exact: int, c
                "approx_scores": {s: approx(members, s) for s in per_neuron},
                "approx": control_summary(approx(members, "causal"),
                                          [approx(s, "causal") for s in sets])}
-        res["causal_approx"] = res["approx_scores"]["causal"]
         if key != "causal":
             res["approx_rule"] = control_summary(res["approx_scores"][key],
                                                  [approx(s, key) for s in sets])
