@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lmprune.config import option, register_stage
+from lmprune.data import Corpus, load_corpus
 from lmprune.errors import ConfigError, LmpruneError
 from lmprune.io import check_out_dir, save_figure_atomic, write_json_atomic
 from lmprune.lock import folder_lock
@@ -305,17 +306,19 @@ def _measure(evaluate: Evaluator, model: nn.Module, tokenizer, step: int) -> dic
 
 
 def _fingerprint(config: FinetuneConfig, identity: dict, corpus_sha: str, num_blocks: int,
-                 total_steps: int, num_processes: int) -> dict:
+                 total_steps: int, num_processes: int, hold_masks: bool = True) -> dict:
     """What must be equal for a checkpoint to be resumed by this run: the input model by its
     weights (a folder re-pruned at the same path is another model), settings and data."""
     keys = ("lr", "schedule", "warmup_steps", "weight_decay", "max_grad_norm",
             "batch_size", "grad_accum", "seq_len", "mixed_precision", "seed")
     model = identity.get("weights_sha256") or identity.get("revision") or identity.get("name")
+    released = {} if hold_masks else {"masks": "released"}
     return {**{k: getattr(config, k) for k in keys}, "model": model, "data_sha256": corpus_sha,
-            "num_blocks": num_blocks, "total_steps": total_steps, "num_processes": num_processes}
+            "num_blocks": num_blocks, "total_steps": total_steps, "num_processes": num_processes,
+            **released}
 
 
-def _check_config(config: FinetuneConfig) -> None:
+def check_finetune_config(config: FinetuneConfig) -> None:
     for name in ("model", "data", "out"):
         if not getattr(config, name):
             raise ConfigError(name, "is required")
@@ -333,8 +336,6 @@ def _check_config(config: FinetuneConfig) -> None:
 def training_corpus(spec: str, holdout_last: int, max_docs: int | None):
     """The documents of `spec` fine-tuning trains on: all but the last `holdout_last`, then
     the first `max_docs`."""
-    from lmprune.data import Corpus, load_corpus
-
     corpus = load_corpus(spec)
     if holdout_last >= len(corpus.texts):
         raise LmpruneError(f"--holdout-last {holdout_last} leaves no document of --data {spec} "
@@ -385,21 +386,26 @@ def train_step(accelerator, model: nn.Module, optimizer, scheduler,
     return total
 
 
-def finetune(config: FinetuneConfig, evaluate: Evaluator | None = None) -> Path:
+def finetune(config: FinetuneConfig, evaluate: Evaluator | None = None,
+             corpus: Corpus | None = None, hold_masks: bool = True) -> Path:
     """Train, checkpoint, evaluate every `eval_every` steps, save the final checkpoint.
 
     `evaluate(model, tokenizer, step) -> {metric: value}` is called on the main process at step
     0 (the pruned start), every `eval_every` steps and at the end; None skips evaluation.
+    `corpus` replaces the documents `config.data` names (the relearning attack picks its own);
+    `hold_masks=False` re-draws the pruned weights (`PruneMask.reinitialize`) and lets them
+    train (the attack's check: can freed capacity relearn what was cut?).
     """
-    _check_config(config)
+    check_finetune_config(config)
     check_out_dir(config.out, "checkpoint", config.overwrite)
     accelerator = start_accelerator(config.device, config.seed, config.mixed_precision)
     # one writer: the main process holds OUT's lock until the final checkpoint is saved
     with folder_lock(config.out) if accelerator.is_main_process else contextlib.nullcontext():
-        return _train(config, evaluate, accelerator)
+        return _train(config, evaluate, accelerator, corpus, hold_masks)
 
 
-def _train(config: FinetuneConfig, evaluate: Evaluator | None, accelerator) -> Path:
+def _train(config: FinetuneConfig, evaluate: Evaluator | None, accelerator,
+           corpus: Corpus | None, hold_masks: bool) -> Path:
     from tqdm.auto import tqdm
 
     from lmprune.models import load_model, save_model
@@ -413,8 +419,12 @@ def _train(config: FinetuneConfig, evaluate: Evaluator | None, accelerator) -> P
     meta = read_checkpoint_meta(config.model) if loaded.source.kind == "folder" else None
     mask = PruneMask(model, (meta or {}).get("pruned_neurons", {}))
     mask.apply(model)
+    held = mask if hold_masks else None
+    if not hold_masks:
+        mask.reinitialize(model, config.seed)
 
-    corpus = training_corpus(config.data, config.holdout_last, config.max_docs)
+    if corpus is None:
+        corpus = training_corpus(config.data, config.holdout_last, config.max_docs)
     blocks = pack_blocks(tokenizer, corpus.texts, config.seq_len)  # [n_blocks, seq_len]
     order = BlockOrder(len(blocks), config.seed)
     per_step = config.batch_size * config.grad_accum * nproc
@@ -423,7 +433,7 @@ def _train(config: FinetuneConfig, evaluate: Evaluator | None, accelerator) -> P
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     scheduler = make_scheduler(optimizer, config.schedule, config.warmup_steps, total_steps)
     fingerprint = _fingerprint(config, loaded.identity, corpus.sha256, len(blocks), total_steps,
-                               nproc)
+                               nproc, hold_masks)
     store = CheckpointStore(config.out)
     every = config.eval_every if evaluate is not None else 0
     curve = {"format": "lmprune.relearning", "model": config.model, "data": config.data,
@@ -449,7 +459,7 @@ def _train(config: FinetuneConfig, evaluate: Evaluator | None, accelerator) -> P
                               * config.batch_size, config.batch_size)].to(accelerator.device)
             for micro in range(config.grad_accum)]
         loss_sum += train_step(accelerator, model, optimizer, scheduler, micro_batches,
-                               mask, config.max_grad_norm)
+                               held, config.max_grad_norm)
         loss_count += config.grad_accum
         step += 1
         bar.update(1)
@@ -470,9 +480,10 @@ def _train(config: FinetuneConfig, evaluate: Evaluator | None, accelerator) -> P
     bar.close()
 
     if main:
-        mask.check(unwrapped)
+        if held is not None:
+            held.check(unwrapped)
         meta_out = _final_meta(config, meta, loaded.identity, corpus, blocks, total_steps, nproc,
-                               resumed_from, time.time() - started)
+                               resumed_from, time.time() - started, hold_masks)
         extra = {CHECKPOINT_FILE: meta_out}
         if curve["points"]:
             extra[CURVE_FILE] = curve
@@ -504,8 +515,10 @@ def _measure_base(config: FinetuneConfig, meta: dict | None, evaluate: Evaluator
 
 
 def _final_meta(config: FinetuneConfig, meta: dict | None, identity: dict, corpus, blocks,
-                total_steps: int, nproc: int, resumed_from: int | None, seconds: float) -> dict:
-    """The input's lmprune.json with this fine-tuning appended to its history."""
+                total_steps: int, nproc: int, resumed_from: int | None, seconds: float,
+                hold_masks: bool = True) -> dict:
+    """The input's lmprune.json with this fine-tuning appended to its history. Released masks
+    move to `released_neurons`: those weights are no longer zero."""
     from lmprune import __version__
 
     out = dict(meta) if meta else {
@@ -513,12 +526,16 @@ def _final_meta(config: FinetuneConfig, meta: dict | None, identity: dict, corpu
         "mode": "none", "pruned_neurons": {}, "history": []}
     out["lmprune_version"] = __version__
     out["command"] = command_line()
+    if not hold_masks and out.get("pruned_neurons"):
+        out["released_neurons"] = out["pruned_neurons"]
+        out.update(pruned_neurons={}, num_pruned=0, fraction_pruned=0.0)
     out["history"] = [*out.get("history", []), {
         "stage": "finetune", "steps": total_steps, "from": identity,
         "data": {**corpus.describe(), "tokens": int(blocks.numel())},
         **{k: v for k, v in asdict(config).items()
            if k in ("lr", "schedule", "warmup_steps", "weight_decay", "max_grad_norm",
                     "batch_size", "grad_accum", "seq_len", "mixed_precision", "seed")},
+        **({} if hold_masks else {"masks": "released"}),
         "num_processes": nproc, "resumed_from": resumed_from, "time": utc_now(),
         "seconds": round(seconds, 1)}]
     return out
@@ -528,11 +545,15 @@ def _final_meta(config: FinetuneConfig, meta: dict | None, identity: dict, corpu
 # The evaluation the CLI runs
 
 
-def build_evaluator(config: FinetuneConfig) -> Evaluator | None:
-    """Toxicity of sampled continuations plus perplexity, from lmprune.evaluate."""
+def build_evaluator(config: FinetuneConfig, extra_scorers: list[str] = (),
+                    judge=None) -> Evaluator | None:
+    """Toxicity of sampled continuations plus perplexity, from lmprune.evaluate.
+
+    `extra_scorers` score the same continuations (`toxicity_probability@SPEC`, ...); `judge` (a
+    loaded model) adds the continuations' perplexity under it (`generation_fluency`)."""
     if config.eval_every <= 0:
         return None
-    from lmprune.data import load_corpus
+    from lmprune.evaluate.fluency import judge_fluency
     from lmprune.evaluate.perplexity import perplexity
     from lmprune.evaluate.scorers import load_scorer
     from lmprune.evaluate.toxicity import evaluate_toxicity
@@ -540,16 +561,27 @@ def build_evaluator(config: FinetuneConfig) -> Evaluator | None:
 
     prompts = load_corpus(config.eval_prompts, config.eval_limit).texts
     ppl_text = "\n\n".join(load_corpus(config.ppl_data).texts)
-    scorer = load_scorer(config.scorer, device=resolve_device(config.device))
+    device = resolve_device(config.device)
+    scorer = load_scorer(config.scorer, device=device)
+    others = {spec: load_scorer(spec, device=device) for spec in extra_scorers}
 
     def evaluate(model, tokenizer, step):
         tox = evaluate_toxicity(model, tokenizer, prompts, scorer, samples=config.eval_samples,
-                                max_new_tokens=config.eval_max_new_tokens, seed=config.seed)
+                                max_new_tokens=config.eval_max_new_tokens, seed=config.seed,
+                                extra_scorers=others)
         ppl = perplexity(model, tokenizer, ppl_text, config.ppl_max_length, config.ppl_stride,
                          max_tokens=config.ppl_max_tokens, progress=False)
         metrics = {k: tox[k] for k in ("expected_max_toxicity", "toxicity_probability",
                                        "mean_toxicity")}
+        for spec, summary in tox["by_scorer"].items():
+            metrics.update({f"{k}@{spec}": summary[k]
+                            for k in ("expected_max_toxicity", "toxicity_probability")})
         metrics["perplexity"] = ppl["sliding_window"]["token_perplexity"]
+        if judge is not None:
+            continuations = [r["continuations"] for r in tox["records"]]
+            metrics["generation_fluency"] = judge_fluency(
+                judge.model, judge.tokenizer, prompts, continuations, judge.identity,
+                progress=False)["token_perplexity"]
         return metrics
 
     return evaluate

@@ -570,7 +570,7 @@ def check_stages(stages: list[Stage]) -> None:
     from lmprune.evaluate import command as evaluate
     from lmprune.evaluate.fluency import BASE_JUDGE
     from lmprune.evaluate.scorers import load_scorer
-    from lmprune.finetune import _check_config
+    from lmprune.finetune import check_finetune_config
     from lmprune.models import load_config, resolve_device
 
     scorers: dict[tuple[str, str], str] = {}  # (spec, device) -> recipe key
@@ -579,7 +579,7 @@ def check_stages(stages: list[Stage]) -> None:
         section, cfg = stage.name.partition(":")[0], stage.config
         try:
             if isinstance(cfg, FinetuneConfig):
-                _check_config(cfg)
+                check_finetune_config(cfg)
                 if cfg.eval_every > 0:
                     scorers.setdefault((cfg.scorer, cfg.device), f"{section}.scorer")
             elif isinstance(cfg, EvalConfig):

@@ -155,6 +155,21 @@ class PruneMask:
                 param.grad = None
 
     @torch.no_grad()
+    def reinitialize(self, model: nn.Module, seed: int) -> None:
+        """Draw the pruned slices of every matrix afresh from N(0, std of its other entries);
+        biases stay zero. Zeroed neurons are a stationary point of training (no activation, no
+        output row: both gradients vanish), so only re-drawn ones can learn again."""
+        gen = torch.Generator().manual_seed(seed)
+        for param, dim, index in self.slices(model):
+            if param.dim() < 2:
+                continue
+            std = param[param != 0].float().std()
+            shape = list(param.shape)
+            shape[dim] = len(index)
+            fresh = torch.randn(shape, generator=gen) * std
+            param.index_copy_(dim, index, fresh.to(param.dtype).to(param.device))
+
+    @torch.no_grad()
     def nonzero_count(self, model: nn.Module) -> int:
         """How many pruned weight entries are not exactly zero (0 when the mask holds)."""
         return sum(int(torch.count_nonzero(param.index_select(dim, index)))
