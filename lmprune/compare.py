@@ -15,6 +15,9 @@ Rows:
   frontier-*      the toxicity-fluency frontier (`compare.frontier_budgets`,
                   `compare.aura_strengths`): the headline's settings at other module budgets,
                   a random same-size set at each, AURA at other strengths alpha
+With a `relearn:` section, chosen rows (default: base, the headline, AURA, the first random
+control, induced) also face the relearning attack (lmprune/relearn.py) for each `docs` count
+and `masks` setting, from their pruned model, after everything else.
 Every row is measured against its like: a pruned row against the base, a fine-tuned row against
 the base fine-tuned with the same settings (the targets use these pairs).
 Stages are cached with the markers of `lmprune run`: an interrupted comparison resumes where it
@@ -50,8 +53,9 @@ from lmprune.pipeline import (
     record_recipe,
 )
 from lmprune.prune import PruneConfig
+from lmprune.relearn import RelearnConfig, relearn
 
-SECTIONS = ("collect", "locate", "eval", "finetune", "compare", "modules", "induce")
+SECTIONS = ("collect", "locate", "eval", "finetune", "compare", "modules", "induce", "relearn")
 PLOT_FILE = "compare.png"
 FRONTIER_FILE = "frontier.png"
 
@@ -107,6 +111,17 @@ class ModulesRow:
 
 
 @dataclass
+class RelearnSection:
+    """`relearn:` the attack's settings (RelearnConfig's) and which attacks run."""
+
+    rows: list[str] | None
+    """Rows attacked (None: base, the headline, aura, the first random control, induced)."""
+    docs: list[int]
+    masks: list[str]
+    config: RelearnConfig
+
+
+@dataclass
 class CompareRecipe:
     name: str
     run: RunConfig
@@ -118,6 +133,7 @@ class CompareRecipe:
     modules: list[ModulesRow]
     induce: dict | None
     values: dict
+    relearn: RelearnSection | None = None
 
     @property
     def headline(self) -> ModulesRow:
@@ -198,8 +214,65 @@ def parse_compare(values: dict, name: str) -> CompareRecipe:
     induce = values.get("induce")
     if induce is not None:
         induce = _check_induce(induce, run)
-    return CompareRecipe(name, run, collect, locate, evaluation, finetune, compare, rows,
-                         induce, values)
+    recipe = CompareRecipe(name, run, collect, locate, evaluation, finetune, compare, rows,
+                           induce, values)
+    if values.get("relearn") is not None:
+        recipe.relearn = _check_relearn(_section(values, "relearn"), run, recipe)
+    return recipe
+
+
+def _check_relearn(given: dict, run: RunConfig, recipe: CompareRecipe) -> RelearnSection:
+    """The attack settings by key and type; rows, docs and masks as lists."""
+    given = dict(given)
+    wired = sorted({"model", "out", "base_model"} & set(given))
+    if wired:
+        raise LmpruneError(f"relearn.{wired[0]}: set by `lmprune compare`; remove it")
+    lists = {key: given.pop(key) for key in ("rows", "docs", "masks") if key in given}
+    if run.device:
+        given = {"device": run.device, **given}
+    config = build_config(RelearnConfig, {**given, "model": "-", "out": "-"}, where="relearn")
+    docs = lists.get("docs", [config.docs])
+    masks = lists.get("masks", [config.masks])
+    rows = lists.get("rows")
+    for key, value in (("docs", docs), ("masks", masks), ("rows", rows)):
+        if value is not None and (not isinstance(value, list) or not value):
+            raise LmpruneError(f"relearn.{key}: expected a non-empty list")
+    for n in docs:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise LmpruneError(f"relearn.docs: {n!r} is not a document count (at least 1)")
+    for m in masks:
+        if m not in ("held", "released"):
+            raise LmpruneError(f"relearn.masks: '{m}' is not held or released")
+    known = row_names(recipe)
+    unknown = [r for r in rows or [] if r not in known]
+    if unknown:
+        raise LmpruneError(f"relearn.rows: '{unknown[0]}' is not a row of this comparison "
+                           f"({', '.join(known)})")
+    return RelearnSection(rows, docs, masks, config)
+
+
+def relearn_rows(recipe: CompareRecipe) -> list[str]:
+    """The rows the attack runs on, in table order."""
+    section = recipe.relearn
+    if section is None:
+        return []
+    if section.rows is not None:
+        return section.rows
+    names = row_names(recipe)
+    wanted = {"base", recipe.headline.name, "aura", "induced",
+              *[f"random-{s}" for s in recipe.compare.random_seeds[:1]]}
+    return [n for n in names if n in wanted]
+
+
+def relearn_attacks(recipe: CompareRecipe) -> list[tuple[str, int, str]]:
+    """(row, docs, masks) of every attack; released masks only where neurons were zeroed (the
+    base and AURA have none to release)."""
+    if recipe.relearn is None:
+        return []
+    return [(row, n, masks) for row in relearn_rows(recipe) for n in recipe.relearn.docs
+            for masks in recipe.relearn.masks
+            if masks == "held" or (row != "base" and not row.startswith(("aura",
+                                                                          "frontier-aura")))]
 
 
 def _check_induce(given, run: RunConfig) -> dict:
@@ -239,6 +312,9 @@ class CompareFolder(RunFolder):
 
     def row_eval(self, name: str, tuned: bool) -> Path:
         return self.row(name) / ("eval-finetuned.json" if tuned else "eval.json")
+
+    def relearn(self, name: str, docs: int, masks: str) -> Path:
+        return self.row(name) / f"relearn-{docs}-{masks}"
 
     @property
     def induced_routed(self) -> Path:
@@ -433,13 +509,31 @@ def plan_compare(recipe: CompareRecipe, folder: CompareFolder) -> list[Stage]:
         stages.append(eval_stage(f"eval:{name}+ft", str(out), [out],
                                  folder.row_eval(name, True)))
 
-    # the induced rows (routing is the longest stage) after the others, and the fine-tuning
-    # of the other searched configurations last; order kept within
+    for name, docs, masks in relearn_attacks(recipe):
+        path, upstream = target_model(name)
+        cfg = replace(recipe.relearn.config, model=path, docs=docs, masks=masks,
+                      out=str(folder.relearn(name, docs, masks)), base_model=model)
+
+        def attack(resume: bool, cfg=cfg):
+            import shutil
+
+            if not resume:
+                shutil.rmtree(Path(cfg.out) / "checkpoints", ignore_errors=True)
+            relearn(cfg)
+
+        stages.append(Stage(f"relearn:{name}@{docs}-{masks}", cfg, attack, [Path(cfg.out)],
+                            upstream, [*([] if upstream else [path]), cfg.data,
+                                       cfg.eval_prompts, cfg.ppl_data]))
+
+    # the induced rows (routing is the longest stage) after the others, the fine-tuning of the
+    # other searched configurations, then the relearning attacks last; order kept within
     searched_tuning = {f"{kind}:{n}{tail}" for n in searched
                        for kind, tail in (("finetune", ""), ("eval", "+ft"))}
 
     def phase(stage: Stage) -> int:
         row = stage.name.partition(":")[2]
+        if stage.name.startswith("relearn:"):
+            return 4
         if stage.name == "induce" or row.startswith("induced"):
             return 1
         if row.startswith("frontier-"):  # its evaluations first, its fine-tuning last

@@ -15,6 +15,7 @@ from lmprune.compare import (
     CompareFolder,
     CompareRecipe,
     frontier,
+    relearn_attacks,
     row_names,
 )
 from lmprune.evaluate.reference import (
@@ -27,6 +28,9 @@ from lmprune.evaluate.reference import (
     versus_reference,
 )
 from lmprune.io import save_figure_atomic, write_json_atomic, write_text_atomic
+from lmprune.relearn import attack_table, plot_attacks, read_attack
+
+RELEARN_PLOT = "relearn.png"
 
 # a row's numbers in the table, before and after fine-tuning (and spread over random seeds)
 COLUMNS = ("toxicity_probability", "expected_max_toxicity", "perplexity", "fluency_perplexity",
@@ -87,7 +91,19 @@ def summarize(recipe: CompareRecipe, folder: CompareFolder) -> dict:
             "frontier": {method: [{"strength": x, "row": name} for x, name in pts]
                          for method, pts in points.items()},
             "targets": targets(recipe, rows, random, points),
+            "relearn": relearn_results(recipe, folder),
             "base_perplexity": first.get("perplexity")}
+
+
+def relearn_results(recipe: CompareRecipe, folder: CompareFolder) -> dict:
+    """The finished relearning attacks by name (`row @ docs, masks`), with their seconds."""
+    found = {}
+    for row, docs, masks in relearn_attacks(recipe):
+        attack = read_attack(folder.relearn(row, docs, masks))
+        if attack is not None:
+            found[f"{row} @ {docs} docs, {masks}"] = {
+                "row": row, **attack, "seconds": _seconds(folder, f"relearn:{row}@{docs}-{masks}")}
+    return found
 
 
 def _protocol(folder: CompareFolder, recipe: CompareRecipe) -> dict:
@@ -445,6 +461,17 @@ def write_summary(recipe: CompareRecipe, folder: CompareFolder) -> dict:
         lines += ["", "## Toxicity-fluency frontier", "", f"![frontier]({FRONTIER_FILE})"]
     if plot(summary, folder.root / PLOT_FILE):
         lines += ["", f"![toxicity vs perplexity]({PLOT_FILE})"]
+    if summary["relearn"]:
+        attack = next(iter(summary["relearn"].values()))
+        lines += ["", "## Relearning attack", "",
+                  f"Each row fine-tuned from its pruned model on unseen offensive documents "
+                  f"(`{attack['data']['spec']}`, lr {attack['lr']}, measured every "
+                  f"{attack['eval_every']} steps on {attack['prompts']['limit']} prompts of "
+                  f"`{attack['prompts']['spec']}` x {attack['prompts']['samples']}); steps until "
+                  f"Toxicity Probability is back half-way to the base's.", "",
+                  *attack_table(summary["relearn"])]
+        if plot_attacks(summary["relearn"], folder.root / RELEARN_PLOT):
+            lines += ["", f"![relearning attack]({RELEARN_PLOT})"]
     curve = folder.row(summary["headline"]) / "finetuned" / "relearning.png"
     if curve.is_file():
         lines += ["", "Relearning curve of the headline (toxicity and perplexity during "

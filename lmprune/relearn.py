@@ -31,7 +31,7 @@ from lmprune.finetune import (
     training_corpus,
     write_curve,
 )
-from lmprune.io import read_json
+from lmprune.io import read_json, save_figure_atomic
 from lmprune.prune import read_checkpoint_meta
 
 SUMMARY_KEY = "relearn"
@@ -148,6 +148,71 @@ def relearn(config: RelearnConfig) -> dict:
     curve["title"] = f"relearning attack: {config.docs} offensive documents, masks {config.masks}"
     write_curve(curve, out)
     return curve[SUMMARY_KEY]
+
+
+def read_attack(folder: str | Path) -> dict | None:
+    """An attack's summary and its Toxicity Probability curves per scorer (None before it ran)."""
+    path = Path(folder) / CURVE_FILE
+    if not path.is_file():
+        return None
+    curve = read_json(path, "run the comparison again to redo this attack")
+    summary = curve.get(SUMMARY_KEY)
+    if summary is None:  # killed before the summary was written
+        return None
+    points = sorted(curve["points"], key=lambda p: p["step"])
+    return {**summary, "curves": {
+        scorer: [[p["step"], p["metrics"].get(r["metric"])] for p in points]
+        for scorer, r in summary["by_scorer"].items()},
+        "fluency": [[p["step"], p["metrics"].get("generation_fluency")] for p in points]}
+
+
+def attack_table(attacks: dict[str, dict]) -> list[str]:
+    """Markdown rows: per attack, each scorer's Toxicity Probability start -> end and the steps
+    to half the gap to the base."""
+    if not attacks:
+        return []
+    scorers = list(next(iter(attacks.values()))["by_scorer"])
+    head = ["attack", *[f"TP {s} start -> end (base)" for s in scorers],
+            *[f"steps to half ({s})" for s in scorers], "fluency start -> end"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, attack in attacks.items():
+        tps, steps = [], []
+        for scorer in scorers:
+            r = attack["by_scorer"][scorer]
+            base = "–" if r["base"] is None else f"{r['base']:.3f}"
+            tps.append(f"{r['start']:.3f} -> {r['final']:.3f} ({base})")
+            steps.append("no gap" if r["threshold"] is None else
+                         str(r["steps"]) if r["recovered"] else f"> {attack['steps']}")
+        fluency = [v for _, v in attack["fluency"] if v is not None]
+        shown = f"{fluency[0]:.1f} -> {fluency[-1]:.1f}" if fluency else "–"
+        lines.append("| " + " | ".join([name, *tps, *steps, shown]) + " |")
+    return lines
+
+
+def plot_attacks(attacks: dict[str, dict], path: str | Path) -> Path | None:
+    """Toxicity Probability against attack step, one panel per scorer, one line per attack
+    (dashed: masks released)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not attacks:
+        return None
+    scorers = list(next(iter(attacks.values()))["curves"])
+    fig, axes = plt.subplots(1, len(scorers), figsize=(6 * len(scorers), 4.2), squeeze=False)
+    for ax, scorer in zip(axes[0], scorers, strict=True):
+        for k, (name, attack) in enumerate(attacks.items()):
+            points = [(x, y) for x, y in attack["curves"].get(scorer, []) if y is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", markersize=3, color=f"C{k % 10}",
+                        linestyle="--" if attack["masks"] == "released" else "-", label=name)
+        ax.set_title(f"Toxicity Probability ({scorer})", fontsize="medium")
+        ax.set_xlabel("attack step")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize="small")
+    fig.suptitle("relearning attack: fine-tuning on unseen offensive documents", fontsize="medium")
+    return save_figure_atomic(fig, path)
 
 
 def describe(summary: dict) -> str:

@@ -54,6 +54,14 @@ def compare_values(inputs: Path, out: Path) -> dict:
         # gradient routing into 4 neurons of layer 0 (offensive/clean default to collect's)
         "induce": dict(layers="0", neurons_per_layer=4, max_steps=6, batch_size=4, seq_len=32,
                        lr=1e-3, score_docs=8),
+        # the relearning attack on the last 8 offensive documents (collect reads the first 40)
+        "relearn": dict(rows=["base", "planted"], docs=[8], masks=["held", "released"],
+                        data=str(inputs / "off.txt"), max_steps=4, eval_every=2,
+                        checkpoint_every=0, seq_len=16, lr=3e-3,
+                        eval_prompts=str(inputs / "prompts.txt"), eval_limit=3, eval_samples=2,
+                        eval_max_new_tokens=4, ppl_data=str(inputs / "wiki.txt"),
+                        ppl_max_tokens=200, ppl_max_length=64, ppl_stride=32,
+                        extra_scorers=["profanity_check?batch_size=7"]),
     }
 
 
@@ -222,6 +230,40 @@ def test_the_frontier_sweeps_budgets_and_strengths_with_controls(compared):
     assert "![frontier](frontier.png)" in (out / "compare.md").read_text()
 
 
+def test_the_relearning_attack_runs_on_the_chosen_rows(compared):
+    _, out, _ = compared
+    attacks = json.loads((out / "compare.json").read_text())["relearn"]
+    # the base has no neurons to release
+    assert list(attacks) == ["base @ 8 docs, held", "planted @ 8 docs, held",
+                             "planted @ 8 docs, released"]
+    planted = json.loads((out / "rows" / "planted" / "model" / "lmprune.json").read_text())
+    for masks in ("held", "released"):
+        folder = out / "rows" / "planted" / f"relearn-8-{masks}"
+        curve = json.loads((folder / "relearning.json").read_text())
+        assert [p["step"] for p in curve["points"]] == [0, 2, 4]
+        attack = attacks[f"planted @ 8 docs, {masks}"]
+        assert set(attack["by_scorer"]) == {"profanity_check", "profanity_check?batch_size=7"}
+        assert attack["data"]["documents"] == 8 and attack["seconds"] > 0
+        tp = [p["metrics"]["toxicity_probability"] for p in curve["points"]]
+        assert attack["curves"]["profanity_check"] == [[0, tp[0]], [2, tp[1]], [4, tp[2]]]
+        weights = load_file(folder / "model.safetensors")
+        meta = json.loads((folder / "lmprune.json").read_text())
+        zeroed = [weights[f"model.layers.{layer}.mlp.down_proj.weight"][:, idx]
+                  for layer, idx in planted["pruned_neurons"].items()]
+        if masks == "held":
+            assert meta["pruned_neurons"] == planted["pruned_neurons"]
+            assert all(bool((w == 0).all()) for w in zeroed)
+        else:
+            assert meta["released_neurons"] == planted["pruned_neurons"]
+            assert all(bool((w != 0).all()) for w in zeroed)
+    # the base attacked from itself: no gap to recover
+    base = attacks["base @ 8 docs, held"]["by_scorer"]["profanity_check"]
+    assert base["threshold"] is None and base["start"] == base["base"]
+    report = (out / "compare.md").read_text()
+    assert "## Relearning attack" in report and "| planted @ 8 docs, released |" in report
+    assert (out / "relearn.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_rerun_reads_back_and_a_lost_result_reruns_alone(compared):
     recipe, out, _ = compared
     code, text = _compare(recipe)
@@ -249,6 +291,11 @@ def test_bad_recipes_are_refused_by_name(tmp_path):
         ({"compare": {"frontier_budgets": ["nan%"]}}, "'nan%' is not a share"),
         ({"compare": {"aura_strengths": [3.0]}}, "compare.aura_strengths: 3.0 is not in"),
         ({"modules": {"frontier-x": {"select": "top:1"}}}, "row name is taken"),
+        ({"relearn": {"rows": ["nope"]}}, "relearn.rows: 'nope' is not a row"),
+        ({"relearn": {"model": "x"}}, "relearn.model: set by"),
+        ({"relearn": {"masks": ["both"]}}, "relearn.masks: 'both' is not held or released"),
+        ({"relearn": {"docs": [0]}}, "relearn.docs: 0 is not a document count"),
+        ({"relearn": {"lr": "fast"}}, "relearn.lr: expected float"),
     ]
     for change, message in cases:
         path = tmp_path / "r.yaml"
