@@ -85,13 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _stage_registrars():
-    from lmprune import collect, compare, finetune, hub, induce, pipeline, prune, relearn
+    from lmprune import collect, compare, finetune, hub, induce, pipeline, profs, prune, relearn
     from lmprune.evaluate import command as evaluate
     from lmprune.locate import run as locate
 
     return [collect.register, locate.register, prune.register, evaluate.register,
-            finetune.register, induce.register, relearn.register, pipeline.register,
-            compare.register, hub.register]
+            finetune.register, induce.register, relearn.register, profs.register,
+            pipeline.register, compare.register, hub.register]
 
 
 def main(argv: list[str] | None = None) -> int:

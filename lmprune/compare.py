@@ -9,6 +9,9 @@ Rows:
   random-S        random neurons with the headline's per-layer counts, one row per seed
   aura            AURA dampening: each neuron scaled by 1 - 2(AUROC - 0.5) where AUROC > 0.5
   top-auroc       the single neurons with the highest AUROC, as many as the headline zeroes
+  profs           (with `compare.profs`) ProFS: a rank-k toxic subspace of paired embeddings
+                  (ParaDetox) projected out of the upper layers' MLP output weights; nothing
+                  zeroed (lmprune/profs.py)
   induced         (with an `induce:` section) gradient routing into a designated module, that
                   module pruned; `induced-random-S` ablate a random same-size set of the same
                   routed model instead
@@ -35,7 +38,7 @@ from pathlib import Path
 
 from lmprune.collect import CollectConfig
 from lmprune.config import build_config, option
-from lmprune.errors import LmpruneError
+from lmprune.errors import ConfigError, LmpruneError
 from lmprune.evaluate.command import EvalConfig
 from lmprune.finetune import FinetuneConfig
 from lmprune.io import check_out_dir
@@ -52,6 +55,7 @@ from lmprune.pipeline import (
     hold_out_general,
     record_recipe,
 )
+from lmprune.profs import ProfsConfig
 from lmprune.prune import PruneConfig
 from lmprune.relearn import RelearnConfig, relearn
 
@@ -70,6 +74,14 @@ class CompareConfig:
     random_seeds: list[int] = option([0, 1, 2, 3, 4], "Seeds of the random same-size controls.")
     aura: bool = option(True, "Add AURA dampening (by the collected AUROCs).")
     top_auroc: bool = option(True, "Add the top single neurons by AUROC, as many as the headline.")
+    profs: bool = option(False, "Add ProFS: a toxic subspace of paired embeddings projected out "
+                         "of the MLP output weights (lmprune profs).")
+    profs_pairs: str = option("paradetox", "ProFS's paired texts (an offensive text and its "
+                              "clean rewrite; lmprune profs --pairs).")
+    profs_max_pairs: int = option(500, "Pairs ProFS uses (the paper: 500).")
+    profs_rank: int = option(2, "Dimensions of ProFS's toxic subspace (the paper: 2 on GPT-2).")
+    profs_layers: str = option("upper", "Layers ProFS edits: upper (the upper half), all, 3,4,5 "
+                               "or 10-20.")
     induced_random_seeds: list[int] = option([0], "Seeds of the random controls of the induced "
                                              "row (ablated in the same routed model).")
     frontier_budgets: list[str] = option([], "Module budgets of the toxicity-fluency frontier "
@@ -207,7 +219,8 @@ def parse_compare(values: dict, name: str) -> CompareRecipe:
     bad = [a for a in compare.aura_strengths if not 0 < a <= 2]  # also refuses NaN
     if bad:
         raise LmpruneError(f"compare.aura_strengths: {bad[0]} is not in (0, 2]")
-    reserved = {"base", "aura", "top-auroc", "induced"}
+    _check_profs_settings(compare)
+    reserved = {"base", "aura", "top-auroc", "profs", "induced"}
     clash = [n for n in names if n in reserved or n.startswith(("random-", "frontier-"))]
     if clash:
         raise LmpruneError(f"modules.{clash[0]}: that row name is taken by a control; rename it")
@@ -275,6 +288,38 @@ def relearn_attacks(recipe: CompareRecipe) -> list[tuple[str, int, str]]:
                                                                           "frontier-aura")))]
 
 
+def profs_config(compare: CompareConfig, model: str, out: str, device: str) -> ProfsConfig:
+    """The `profs` row's settings: `compare.profs_KEY` is `lmprune profs --KEY`."""
+    return ProfsConfig(model=model, out=out, pairs=compare.profs_pairs,
+                       max_pairs=compare.profs_max_pairs, rank=compare.profs_rank,
+                       layers=compare.profs_layers, device=device)
+
+
+def _profs_errors(check) -> None:
+    """Run `check`, naming a bad setting as its recipe key (compare.profs_rank, ...)."""
+    try:
+        check()
+    except ConfigError as err:
+        raise LmpruneError(f"compare.profs_{err.key}: {err.problem}") from None
+    except LmpruneError as err:
+        raise LmpruneError(f"compare.profs: {err}") from None
+
+
+def _check_profs_settings(compare: CompareConfig) -> None:
+    from lmprune.profs import check_config
+
+    _profs_errors(lambda: check_config(profs_config(compare, "-", "-", "cpu")))
+
+
+def _check_profs_inputs(recipe: CompareRecipe) -> None:
+    """The pairs, layers and rank of the `profs` row against the model's config (no weights)."""
+    from lmprune.arch import NeuronMap
+    from lmprune.profs import check_model, read_pairs, skeleton
+
+    cfg = profs_config(recipe.compare, recipe.run.model, "-", "cpu")
+    _profs_errors(lambda: (read_pairs(cfg), check_model(cfg, NeuronMap(skeleton(cfg.model)))))
+
+
 def _check_induce(given, run: RunConfig) -> dict:
     from lmprune.induce import InduceConfig
 
@@ -294,7 +339,11 @@ def load_compare(path: str | Path, overrides: list[str] = (), out: str | None = 
     """Read, override, validate; `check_files` also looks up the model and local corpora."""
     from lmprune.pipeline import load_recipe
 
-    return load_recipe(path, overrides, out, check_files, parse=parse_compare, sections=SECTIONS)
+    recipe = load_recipe(path, overrides, out, check_files, parse=parse_compare,
+                         sections=SECTIONS)
+    if check_files and recipe.compare.profs:
+        _check_profs_inputs(recipe)
+    return recipe
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,6 +430,8 @@ def row_names(recipe: CompareRecipe) -> list[str]:
         names.append("aura")
     if recipe.compare.top_auroc:
         names.append("top-auroc")
+    if recipe.compare.profs:
+        names.append("profs")
     if recipe.induce is not None:
         names += ["induced", *(f"induced-random-{s}" for s in recipe.compare.induced_random_seeds)]
     for points in frontier(recipe).values():
@@ -393,6 +444,7 @@ def plan_compare(recipe: CompareRecipe, folder: CompareFolder) -> list[Stage]:
     from lmprune.evaluate.command import evaluate, summary
     from lmprune.finetune import build_evaluator, finetune
     from lmprune.locate.run import run as run_locate
+    from lmprune.profs import run as run_profs
     from lmprune.prune import run as run_prune
 
     model = recipe.run.model
@@ -464,6 +516,11 @@ def plan_compare(recipe: CompareRecipe, folder: CompareFolder) -> list[Stage]:
         if cfg is not None:
             stages.append(Stage(f"prune:{name}", cfg, lambda resume, c=cfg: run_prune(c),
                                 [folder.row_model(name)], upstream, [model]))
+    if recipe.compare.profs:  # named like the rows' prune stages: the summary times prune:ROW
+        cfg = profs_config(recipe.compare, model, str(folder.row_model("profs")),
+                           headline_cfg.device)
+        stages.append(Stage("prune:profs", cfg, lambda resume, c=cfg: run_profs(c),
+                            [folder.row_model("profs")], [], [model, cfg.pairs]))
 
     def target_model(name: str) -> tuple[str, list[Path]]:
         if name == "base":

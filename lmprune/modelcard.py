@@ -34,6 +34,9 @@ _MODES = {
     "random": "randomly chosen MLP neurons were zeroed: a control for comparison, "
               "not a detoxified model",
     "induced": "a module grown on purpose with gradient routing was zeroed",
+    "profs": "a toxic subspace, found from paired toxic and non-toxic sentence embeddings, was "
+             "projected out of the MLP output weights (ProFS, Uppaal et al. 2025); no neuron "
+             "was zeroed",
 }
 
 # (key in eval["toxicity"], label); lower is better for all of them.

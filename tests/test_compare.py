@@ -3,9 +3,11 @@ evaluated again on one protocol; the summary equals the eval files; the controls
 headline's size and layers; a rerun reads everything back; a lost result reruns alone."""
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
+import re
 import statistics
 from pathlib import Path
 from types import SimpleNamespace
@@ -448,3 +450,50 @@ def test_targets_are_not_met_when_the_base_model_is_never_toxic():
     clean = _targets(_row(0.3, 20.0, 0.3, 18.0), _row(0.0, 20.0, 0.0, 20.0), silent, [0.3, 0.3])
     assert clean["toxicity_reduction"]["met"] and clean["toxicity_reduction"]["reduction"] is None
     json.dumps(clean, allow_nan=False)
+
+
+def test_the_profs_row_is_planned_behind_its_switch_and_moves_no_other_stage(tmp_path):
+    from lmprune.compare import CompareFolder, plan_compare, row_names
+    from lmprune.profs import ProfsConfig
+
+    inputs = write_run_inputs(tmp_path)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(compare_values(inputs, tmp_path / "out")))
+    folder = CompareFolder(tmp_path / "out")
+    plain = load_compare(path)
+    switched = ["compare.profs=true", "compare.profs_rank=3", "compare.profs_layers=1"]
+    on = load_compare(path, switched)
+    assert not plain.compare.profs and "profs" not in row_names(plain)
+    names = row_names(plain)
+    at = names.index("top-auroc") + 1
+    assert row_names(on) == [*names[:at], "profs", *names[at:]]
+
+    before, after = plan_compare(plain, folder), plan_compare(on, folder)
+    keys = {s.name: s.key(folder.root) for s in before}
+    assert {s.name: s.key(folder.root) for s in after if s.name in keys} == keys
+    added = {s.name: s for s in after if s.name not in keys}
+    assert sorted(added) == ["eval:profs", "eval:profs+ft", "finetune:profs", "prune:profs"]
+    edit = added["prune:profs"]
+    model_dir = str(folder.row_model("profs"))
+    assert isinstance(edit.config, ProfsConfig) and edit.outputs == [folder.row_model("profs")]
+    assert (edit.config.model, edit.config.out, edit.config.pairs, edit.config.rank,
+            edit.config.layers, edit.config.max_pairs) == (
+        plain.run.model, model_dir, "paradetox", 3, "1", 500)
+    assert edit.sources == [plain.run.model, "paradetox"]
+    # fine-tuned like every row: the base's settings from the edited model, nothing masked
+    base_tune = next(s for s in after if s.name == "finetune:base").config
+    tune = added["finetune:profs"].config
+    assert tune.model == model_dir and tune.base_model == plain.run.model
+    assert dataclasses.replace(tune, model=base_tune.model, out=base_tune.out,
+                               eval_every=base_tune.eval_every) == base_tune
+
+    for change, message in [
+        (["compare.profs_rank=0"], "compare.profs_rank: must be at least 1, not 0"),
+        (["compare.profs=true", "compare.profs_layers=7"],
+         "compare.profs: --layers 7: '7' is not within the model's layers 0-1"),
+        (["compare.profs=true", f"compare.profs_pairs={tmp_path / 'none.tsv'}"],
+         "compare.profs: pairs file not found"),
+        (["modules.profs.select=top:1"], "row name is taken"),
+    ]:
+        with pytest.raises(LmpruneError, match=re.escape(message)):
+            load_compare(path, change)
