@@ -18,8 +18,8 @@ Rows:
   frontier-*      the toxicity-fluency frontier (`compare.frontier_budgets`,
                   `compare.aura_strengths`): the headline's settings at other module budgets,
                   a random same-size set at each, AURA at other strengths alpha
-With a `relearn:` section, chosen rows (default: base, the headline, AURA, the first random
-control, induced) also face the relearning attack (lmprune/relearn.py) for each `docs` count
+With a `relearn:` section, chosen rows (default: base, the headline, AURA, ProFS, the first
+random control, induced) also face the relearning attack (lmprune/relearn.py) for each `docs` count
 and `masks` setting, from their pruned model, after everything else.
 Every row is measured against its like: a pruned row against the base, a fine-tuned row against
 the base fine-tuned with the same settings (the targets use these pairs).
@@ -264,6 +264,9 @@ def _check_relearn(given: dict, run: RunConfig, recipe: CompareRecipe) -> Relear
     return RelearnSection(rows, docs, masks, config)
 
 
+UNMASKED = {"base", "aura", "profs"}  # rows that zero no neuron
+
+
 def relearn_rows(recipe: CompareRecipe) -> list[str]:
     """The rows the attack runs on, in table order."""
     section = recipe.relearn
@@ -272,20 +275,19 @@ def relearn_rows(recipe: CompareRecipe) -> list[str]:
     if section.rows is not None:
         return section.rows
     names = row_names(recipe)
-    wanted = {"base", recipe.headline.name, "aura", "induced",
+    wanted = {"base", recipe.headline.name, "aura", "profs", "induced",
               *[f"random-{s}" for s in recipe.compare.random_seeds[:1]]}
     return [n for n in names if n in wanted]
 
 
 def relearn_attacks(recipe: CompareRecipe) -> list[tuple[str, int, str]]:
     """(row, docs, masks) of every attack; released masks only where neurons were zeroed (the
-    base and AURA have none to release)."""
+    base, AURA and ProFS have none to release)."""
     if recipe.relearn is None:
         return []
     return [(row, n, masks) for row in relearn_rows(recipe) for n in recipe.relearn.docs
             for masks in recipe.relearn.masks
-            if masks == "held" or (row != "base" and not row.startswith(("aura",
-                                                                          "frontier-aura")))]
+            if masks == "held" or row not in UNMASKED and not row.startswith("frontier-aura")]
 
 
 def profs_config(compare: CompareConfig, model: str, out: str, device: str) -> ProfsConfig:
