@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from lmprune.errors import LmpruneError
@@ -158,20 +157,3 @@ def _has_submodule(model: nn.Module, path: str) -> bool:
     except AttributeError:
         return False
     return True
-
-
-@torch.no_grad()
-def zero_neurons(model: nn.Module, neurons: dict[int, list[int]]) -> None:
-    """Zero every weight slice of the given neurons ({layer: [neuron, ...]}) in place."""
-    nmap = NeuronMap(model)
-    for layer, idx in neurons.items():
-        if not idx:
-            continue
-        if not 0 <= layer < nmap.num_layers:
-            raise LmpruneError(f"layer {layer} does not exist (model has {nmap.num_layers})")
-        width = nmap.width(layer)
-        index = torch.as_tensor(sorted(idx), dtype=torch.long)
-        if index.min() < 0 or index.max() >= width:
-            raise LmpruneError(f"neuron index out of range in layer {layer} (width {width})")
-        for s in nmap.weight_slices(layer):
-            s.param.index_fill_(s.dim, (index + s.offset).to(s.param.device), 0.0)

@@ -8,9 +8,7 @@ import sys
 import traceback
 
 from lmprune import __version__
-from lmprune.errors import describe, redact
-
-EXIT_OK, EXIT_THRESHOLD, EXIT_BAD_INPUT = 0, 1, 2
+from lmprune.errors import EXIT_BAD_INPUT, EXIT_OK, describe, redact
 
 
 def model_info(name: str, revision: str | None = None, trust_remote_code: bool = False) -> dict:

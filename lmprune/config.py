@@ -11,7 +11,7 @@ import dataclasses
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 
 import yaml
@@ -122,19 +122,6 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise LmpruneError(f"{path}: expected a mapping of keys to values at the top level")
     return data
-
-
-@dataclass
-class ModelConfig:
-    """Which model to load and how."""
-
-    model: str = option("smollm2-135m", "Hub id, local folder, .gguf file or bundled alias "
-                        "(smollm2-135m, gemma3-270m).", positional=True)
-    dtype: str = option("auto", "Weights dtype.",
-                        choices=["auto", "float32", "bfloat16", "float16"])
-    device: str = option("cpu", "Device: cpu, cuda, cuda:N or auto.")
-    revision: str | None = option(None, "Hub revision (branch, tag or commit).")
-    trust_remote_code: bool = option(False, "Run model code from the Hub repository.")
 
 
 def register_stage(subparsers, name: str, cls, run, help: str):

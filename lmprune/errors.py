@@ -7,6 +7,9 @@ import json
 import os
 import re
 
+# the exit codes scripts and CI rely on (README): a failed --fail-above/--fail-below gate is 1
+EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
 
 def first_line(err: Exception) -> str:
     """The first line of an exception's message (its type name when the message is empty)."""

@@ -6,9 +6,10 @@ import pytest
 import torch
 from tiny_models import TINY_CONFIGS, random_batch, tiny_model
 
-from lmprune.arch import ARCHITECTURES, NeuronMap, layout_for, zero_neurons
+from lmprune.arch import ARCHITECTURES, NeuronMap, layout_for
 from lmprune.errors import LmpruneError
 from lmprune.hooks import NeuronHooks
+from lmprune.prune import PruneMask
 
 ARCHS = sorted(TINY_CONFIGS)
 
@@ -110,7 +111,7 @@ def test_zeroing_slices_equals_forcing_the_activation_to_zero(model_type):
     with torch.no_grad(), NeuronHooks(model, force_zero):
         forced_logits, forced_acts = _record(model, nmap, ids)
     pruned = copy.deepcopy(model)
-    zero_neurons(pruned, pruned_ids)
+    PruneMask(pruned, pruned_ids).apply(pruned)
     with torch.no_grad():
         pruned_logits, pruned_acts = _record(pruned, NeuronMap(pruned), ids)
     torch.testing.assert_close(pruned_logits, forced_logits, rtol=1e-5, atol=1e-5)
@@ -139,9 +140,9 @@ def test_weight_slices_of_conv1d_and_fused_layouts():
                    ("down_proj.weight", 1, 0)]
 
 
-def test_zero_neurons_rejects_out_of_range():
+def test_masks_reject_neurons_out_of_range():
     model = tiny_model("llama")
     with pytest.raises(LmpruneError, match="out of range"):
-        zero_neurons(model, {0: [48]})
+        PruneMask(model, {0: [48]})
     with pytest.raises(LmpruneError, match="layer 5 does not exist"):
-        zero_neurons(model, {5: [0]})
+        PruneMask(model, {5: [0]})

@@ -8,9 +8,9 @@ import random
 
 import pytest
 import torch
-from tiny_models import save_tiny, tiny_model, tiny_tokenizer
+from tiny_models import save_tiny, tiny_model, tiny_tokenizer, zero_neurons
 
-from lmprune.arch import NeuronMap, zero_neurons
+from lmprune.arch import NeuronMap
 from lmprune.cli import main
 from lmprune.data import load_pairs
 from lmprune.errors import LmpruneError

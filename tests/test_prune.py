@@ -7,10 +7,17 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny_models import mean_token_nll, random_batch, save_tiny, tiny_model, tiny_tokenizer
+from tiny_models import (
+    mean_token_nll,
+    random_batch,
+    save_tiny,
+    tiny_model,
+    tiny_tokenizer,
+    zero_neurons,
+)
 from transformers import AutoModelForCausalLM
 
-from lmprune.arch import NeuronMap, zero_neurons
+from lmprune.arch import NeuronMap
 from lmprune.cli import main
 from lmprune.errors import LmpruneError
 from lmprune.hooks import NeuronHooks

@@ -106,3 +106,16 @@ def mean_token_nll(model: nn.Module, tokenizer, texts: list[str], batch_size: in
     if count == 0:
         raise ValueError("no tokens to score")
     return total / count
+
+
+@torch.no_grad()
+def zero_neurons(model: nn.Module, neurons: dict[int, list[int]]) -> None:
+    """Zero every weight slice of the given neurons ({layer: [neuron, ...]}) in place: the
+    tests' reference for what PruneMask and prune do."""
+    from lmprune.arch import NeuronMap
+
+    nmap = NeuronMap(model)
+    for layer, idx in neurons.items():
+        index = torch.as_tensor(sorted(idx), dtype=torch.long)
+        for s in nmap.weight_slices(layer):
+            s.param.index_fill_(s.dim, (index + s.offset).to(s.param.device), 0.0)

@@ -14,10 +14,9 @@ from pathlib import Path
 
 from lmprune import __version__
 from lmprune.config import option, register_stage
-from lmprune.errors import ConfigError, LmpruneError
+from lmprune.errors import EXIT_GATE_FAILED, EXIT_OK, ConfigError, LmpruneError
 from lmprune.io import check_out_file, write_text_atomic
 
-EXIT_OK, EXIT_GATE_FAILED = 0, 1
 SKIP = "none"
 
 # Short metric names for the gates; anything with a dot is a path into the result JSON.

@@ -24,7 +24,6 @@ import torch
 
 from lmprune.errors import LmpruneError
 
-SCORERS = ("profanity_check", "detoxify", "hf")
 _TOXIC_WORDS = ("toxic", "offensive", "hate", "abusive", "insult", "profan")
 
 
