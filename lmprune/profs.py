@@ -75,6 +75,10 @@ class ProfsConfig:
                          "list (3,4,5) or an inclusive range (10-20).")
     centering: bool = option(True, "Project the clean embeddings' top singular direction (their "
                              "shared mean) out of the preference matrix first.")
+    first_token: bool = option(True, "Count each text's first token in its mean (the reference "
+                               "does). --no-first-token leaves it out: where the first token "
+                               "carries a massive activation (Sun et al. 2024), its 1/length "
+                               "share makes sentence length lead the SVD (SmolLM2 does).")
     bias: bool = option(False, "Also project the output projection's bias (the reference "
                         "edits weights only).")
     max_length: int = option(128, "Tokens per text.")
@@ -113,10 +117,11 @@ def d_model(nmap: NeuronMap) -> int:
 
 @torch.no_grad()
 def sentence_embeddings(model: nn.Module, tokenizer, texts: list[str], layers: list[int],
-                        batch_size: int = 32, max_length: int = 128, desc: str = "texts"
-                        ) -> torch.Tensor:
-    """Each text's mean residual stream after each block of `layers` (padding left out), float32
-    on the CPU, in the order of `texts`. [len(layers), len(texts), d_model]"""
+                        batch_size: int = 32, max_length: int = 128, desc: str = "texts",
+                        first_token: bool = True) -> torch.Tensor:
+    """Each text's mean residual stream after each block of `layers` (padding left out, and the
+    first token unless `first_token`; a one-token text keeps it), float32 on the CPU, in the
+    order of `texts`. [len(layers), len(texts), d_model]"""
     nmap = NeuronMap(model)
     blocks = model.get_submodule(nmap.blocks_path)
     device = next(model.parameters()).device
@@ -143,7 +148,11 @@ def sentence_embeddings(model: nn.Module, tokenizer, texts: list[str], layers: l
                             truncation=True, max_length=max_length, padding_side="right")
             mask = enc.attention_mask.to(device)  # [batch, pos]
             model(input_ids=enc.input_ids.to(device), attention_mask=mask, use_cache=False)
-            weights = (mask / mask.sum(1, keepdim=True)).unsqueeze(-1).float()  # [batch, pos, 1]
+            counted = mask.clone()
+            if not first_token:
+                counted[:, 0] *= mask.sum(1) == 1  # right padding: position 0 is the first
+            weights = (counted / counted.sum(1, keepdim=True)).unsqueeze(-1).float()
+            # [batch, pos, 1]
             for k, layer in enumerate(layers):
                 hidden = captured[layer].float()  # [batch, pos, d_model]
                 out[k, torch.as_tensor(index)] = (hidden * weights).sum(1).cpu()
@@ -219,7 +228,7 @@ def profs_edit(config: ProfsConfig, loaded, pairs: Pairs) -> dict:
               f"{len(pairs)} pairs: using them all", file=sys.stderr)
     model, tok = loaded.model, loaded.tokenizer
     embed = {side: sentence_embeddings(model, tok, texts, layers, config.batch_size,
-                                       config.max_length, side)
+                                       config.max_length, side, config.first_token)
              for side, texts in (("offensive", pairs.offensive), ("clean", pairs.clean))}
     per_layer = {}
     for k, layer in enumerate(tqdm(layers, desc="profs: project", unit="layer")):
@@ -237,7 +246,8 @@ def profs_edit(config: ProfsConfig, loaded, pairs: Pairs) -> dict:
     # earlier zeroed neurons stay zero: a zero column of W stays zero in (I - U U^T) W
     pruned = normalize_neurons(previous.get("pruned_neurons", {}))
     record = {"pairs": pairs.describe(), "rank": config.rank, "layers": layers,
-              "centering": config.centering, "bias": config.bias,
+              "centering": config.centering, "first_token": config.first_token,
+              "bias": config.bias,
               "max_length": config.max_length, "seed": config.seed, "per_layer": per_layer,
               "seconds": round(time.perf_counter() - started, 1)}
     return {

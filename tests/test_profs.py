@@ -169,6 +169,19 @@ def test_embeddings_ignore_padding_and_batching():
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
 
 
+def test_the_first_token_can_be_left_out_of_the_mean():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    model = _final_norm_off_copy(model)
+    texts = ["a much longer text here", "mid length", "x"]
+    got = sentence_embeddings(model, tok, texts, [1], batch_size=3, first_token=False)[0]
+    with torch.no_grad():
+        for row, text in zip(got, texts, strict=True):
+            ids = tok(text, return_tensors="pt").input_ids
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[2][0]
+            want = hidden[1:].mean(0) if len(hidden) > 1 else hidden[0]  # one token: kept
+            torch.testing.assert_close(row, want, atol=1e-5, rtol=1e-4)
+
+
 # --------------------------------------------------------------------------------------------
 # Properties from the paper
 
