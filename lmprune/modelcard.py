@@ -293,13 +293,17 @@ def _protocol_rows(before: dict, after: dict) -> list[str]:
             if b != "—" or a != "—"]
 
 
-def evaluation_section(after: dict | None, before: dict | None) -> str:
+def evaluation_section(after: dict | None, before: dict | None,
+                       reference: str = "base model") -> str:
+    """The evaluation table: this model against `before`, measured on `reference` (the base
+    model, or its like: the base fine-tuned the same way)."""
     if not after and not before:
         return ("## Evaluation\n\nNot evaluated yet: run `lmprune eval` on this folder and on the "
                 "base model, then write the card again with both results.\n")
     after, before = after or {}, before or {}
     tox_a, tox_b = _toxicity(after), _toxicity(before)
-    rows = ["| metric (lower is better) | base model | this model | change |", "|---|---|---|---|"]
+    rows = [f"| metric (lower is better) | {reference} | this model | change |",
+            "|---|---|---|---|"]
     for key, label in _TOXICITY_METRICS:
         a, b = _number(tox_a.get(key)), _number(tox_b.get(key))
         if a is None and b is None:
@@ -343,7 +347,7 @@ def evaluation_section(after: dict | None, before: dict | None) -> str:
                      "the evaluation recorded. Numbers from another scorer, prompt set or sample "
                      "count are not comparable.")
         if tox_a and tox_b and _protocol(tox_a) != _protocol(tox_b):
-            lines.append("\n**Not like for like**: the base model and this model were measured "
+            lines.append(f"\n**Not like for like**: the {reference} and this model were measured "
                          "with different scorers, prompts, sample counts or decoding settings "
                          "(see the table).")
     if ppl_a or ppl_b:
@@ -458,7 +462,8 @@ LIMITATIONS = """## Limitations
 
 
 def build_model_card(checkpoint_dir: str | Path, eval_results: dict | None = None,
-                     base_eval: dict | None = None, model_name: str | None = None) -> ModelCard:
+                     base_eval: dict | None = None, model_name: str | None = None,
+                     reference: str = "base model") -> ModelCard:
     """The card of `checkpoint_dir` (not written): metadata plus markdown body."""
     folder = Path(checkpoint_dir)
     lineage = read_lineage(folder)
@@ -484,7 +489,7 @@ def build_model_card(checkpoint_dir: str | Path, eval_results: dict | None = Non
         f"which locates the neurons that carry offensive content from their activations on "
         f"offensive and clean text, zeroes them, and can fine-tune the model afterwards with "
         f"the zeros held.", "",
-        evaluation_section(eval_results, base_eval),
+        evaluation_section(eval_results, base_eval, reference),
         pruning_section(folder, lineage),
         "## Usage", "",
         "```python",
@@ -499,12 +504,13 @@ def build_model_card(checkpoint_dir: str | Path, eval_results: dict | None = Non
 
 
 def write_model_card(checkpoint_dir: str | Path, eval_results: dict | None = None,
-                     base_eval: dict | None = None, model_name: str | None = None) -> Path:
+                     base_eval: dict | None = None, model_name: str | None = None,
+                     reference: str = "base model") -> Path:
     """Write `README.md` into a checkpoint folder (atomically) and return its path.
 
     `eval_results` / `base_eval` are `lmprune eval --json` results for this model and its base;
     whatever they hold is used. `model_name` (default: the folder name) names the model in the
     card and in the usage snippet: pass the Hub repo id when pushing.
     """
-    card = build_model_card(checkpoint_dir, eval_results, base_eval, model_name)
+    card = build_model_card(checkpoint_dir, eval_results, base_eval, model_name, reference)
     return write_text_atomic(Path(checkpoint_dir) / CARD_FILE, str(card))

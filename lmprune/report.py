@@ -382,7 +382,7 @@ def write_run_report(folder, recipe) -> Path:
     """report.md of a run folder (a `lmprune.pipeline.RunFolder`), its plot, the model cards."""
     from lmprune.modelcard import CONTENT_WARNING as CARD_WARNING
     from lmprune.modelcard import write_model_card
-    from lmprune.pipeline import eval_targets, final_target
+    from lmprune.pipeline import eval_targets, final_target, like_targets
 
     run_dir = folder.root
     evals = {name: _read_json(folder.eval_json(name))
@@ -438,9 +438,14 @@ def write_run_report(folder, recipe) -> Path:
     lines += examples_section(shown, recipe.report.examples)
 
     cards = []
+    like = like_targets(recipe)["base"] if final_target(recipe) == "finetuned" else None
     for name, checkpoint in (("pruned", folder.pruned), ("finetuned", folder.finetuned)):
         if evals.get(name) and (checkpoint / "lmprune.json").is_file():
-            write_model_card(checkpoint, eval_results=evals[name], base_eval=evals.get("base"))
+            # the fine-tuned model's card sets it against the base fine-tuned the same way
+            reference = like if name == "finetuned" and evals.get(like or "") else "base"
+            write_model_card(checkpoint, eval_results=evals[name],
+                             base_eval=evals.get(reference),
+                             reference=labels.get(reference, reference))
             cards.append(f"[{name}/README.md]({name}/README.md)")
     if cards:
         lines += ["## Checkpoints", "",

@@ -177,6 +177,11 @@ def test_report_has_the_table_plots_and_the_card(finished, inputs):
         assert (out / link).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     card = (out / "finetuned" / "README.md").read_text()
     assert "model-index" in card and "Toxicity Probability" in card
+    # the fine-tuned model's card sets it against its like, the base fine-tuned the same way
+    assert "| metric (lower is better) | base + the same fine-tuning | this model |" in card
+    like = json.loads((out / "eval" / "base-finetuned.json").read_text())["toxicity"]
+    row = next(r for r in card.splitlines() if r.startswith("| Toxicity Probability |"))
+    assert row.split("|")[2].strip().startswith(f"{like['toxicity_probability']:.3f} [")
 
 
 def test_second_run_skips_every_stage(finished):
