@@ -90,12 +90,12 @@ class CompareConfig:
                        "originals (lmprune dpo).")
     dpo_pairs: str = option("paradetox", "DPO's paired texts (rejected: the offensive text, "
                             "chosen: its clean rewrite; lmprune dpo --pairs).")
-    dpo_max_pairs: int = option(256, "Pairs DPO trains on.")
+    dpo_max_pairs: int = option(128, "Pairs DPO trains on.")
     dpo_beta: float = option(0.1, "DPO's beta (Lee et al.: 0.1).")
     dpo_lr: float = option(1e-5, "DPO's learning rate (Lee et al.: 1e-6, over thousands of "
                            "steps).")
     dpo_max_steps: int = option(32, "DPO's optimizer steps.")
-    dpo_batch_size: int = option(8, "Pairs per DPO step (Lee et al.: 4).")
+    dpo_batch_size: int = option(4, "Pairs per DPO step (Lee et al.: 4).")
     induced_random_seeds: list[int] = option([0], "Seeds of the random controls of the induced "
                                              "row (ablated in the same routed model).")
     frontier_budgets: list[str] = option([], "Module budgets of the toxicity-fluency frontier "

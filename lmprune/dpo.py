@@ -13,21 +13,23 @@ the reference `ref` is a frozen copy of the input model. Training runs on TRL's 
 (loss type `sigmoid`), which also reports the implicit rewards beta * (log pi - log ref) of both
 sides and their margin.
 
-The pairs: y_w is ParaDetox's neutral paraphrase, y_l the toxic original (Lee et al.: y_w a GPT-2
-greedy continuation of a Wikitext prompt, y_l the PPLM-steered toxic continuation of the same
-prompt). ParaDetox has no prompt, so x is one start token, the tokenizer's BOS or else its EOS
-(lm-eval's prefix token, as `lmprune eval`'s BLiMP scores sentences), or nothing when the
-tokenizer opens every text with a BOS of its own: every token of both texts is then scored.
+The pairs: y_w is ParaDetox's neutral paraphrase, y_l the toxic original (Lee et al.: y_w GPT-2's
+own continuation of a Wikitext prompt, y_l the PPLM-steered toxic continuation of the same prompt,
+`pplm_dataset.py`: `unpert_gen_text`, `pert_gen_text`). ParaDetox has no prompt, so x is one
+start token, the tokenizer's BOS or else its EOS (lm-eval's prefix token, as `lmprune eval`'s
+BLiMP scores sentences), or nothing when the tokenizer opens every text with a BOS of its own:
+every token of both texts is then scored.
 Taking the words the two texts share as the prompt instead would change nothing: a shared
 prefix has the same log-probability under the policy in y_w and y_l (and likewise under the
 reference), so it cancels from the loss. TRL appends EOS to both texts.
 
 Published settings (Lee et al., GPT-2 medium: `config/config.yaml`, `config/loss/dpo.yaml`): beta
 0.1, RMSprop at lr 1e-6 with 150 linear warmup steps then constant, batch 4, max_grad_norm 10,
-up to 5 epochs over ~24,576 pairs with early stopping on validation loss. Ours default to what
-fits about 20 minutes on a 2-core CPU for SmolLM2-135M: beta 0.1, RMSprop, 32 steps of 8 pairs
-at lr 1e-5 (10x, for 200x fewer steps) with 4 warmup steps, max_grad_norm 10, 32 held-out pairs
-measured at the end.
+up to 5 epochs with early stopping on validation loss (thousands of steps). Ours default to what
+fits about 20 minutes for SmolLM2-135M on a 2-core CPU shared with other work: beta 0.1,
+RMSprop, batch 4 and max_grad_norm 10 as published, 32 steps at lr 1e-5 (10x theirs, for 32
+steps instead of thousands) with 4 warmup steps, 128 training pairs, 32 held-out pairs measured
+at the end.
 
 A pruned input checkpoint keeps its masks: the pruned slices' gradients are zeroed before each
 optimizer step and the slices zeroed again after it (`lmprune.prune.PruneMask`), and the saved
@@ -80,7 +82,7 @@ class DpoConfig:
     pairs: str = option("paradetox", "Paired texts, an offensive one (rejected) and its clean "
                         "rewrite (chosen): paradetox, or FILE.tsv|csv|jsonl?offensive=COL&"
                         "clean=COL, or hf:ID?split=S&offensive=COL&clean=COL.")
-    max_pairs: int = option(256, "Training pairs, drawn with --seed when there are more (the "
+    max_pairs: int = option(128, "Training pairs, drawn with --seed when there are more (the "
                             "steps cycle through them if steps x batch size is larger).")
     eval_pairs: int = option(32, "Pairs held out of training (drawn with --seed) whose loss and "
                              "reward margin are measured after it (0: none).")
@@ -92,7 +94,7 @@ class DpoConfig:
                             choices=["rmsprop", "adamw"])
     warmup_steps: int = option(4, "Linear warmup steps, then a constant rate (Lee et al.: 150).")
     max_steps: int = option(32, "Optimizer steps.")
-    batch_size: int = option(8, "Pairs per step (Lee et al.: 4).")
+    batch_size: int = option(4, "Pairs per step (Lee et al.: 4).")
     max_length: int = option(128, "Tokens per prompt + text; longer texts are cut at the end.")
     max_grad_norm: float = option(10.0, "Gradient clipping norm (Lee et al.: 10; 0: off).")
     seed: int = option(0, "Seed of the drawn pairs and their order.")
