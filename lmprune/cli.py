@@ -83,12 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _stage_registrars():
-    from lmprune import collect, compare, finetune, hub, induce, pipeline, profs, prune, relearn
+    from lmprune import (
+        collect,
+        compare,
+        dpo,
+        finetune,
+        hub,
+        induce,
+        pipeline,
+        profs,
+        prune,
+        relearn,
+    )
     from lmprune.evaluate import command as evaluate
     from lmprune.locate import run as locate
 
     return [collect.register, locate.register, prune.register, evaluate.register,
-            finetune.register, induce.register, relearn.register, profs.register,
+            finetune.register, induce.register, relearn.register, profs.register, dpo.register,
             pipeline.register, compare.register, hub.register]
 
 

@@ -12,13 +12,16 @@ Rows:
   profs           (with `compare.profs`) ProFS: a rank-k toxic subspace of paired embeddings
                   (ParaDetox) projected out of the upper layers' MLP output weights; nothing
                   zeroed (lmprune/profs.py)
+  dpo             (with `compare.dpo`) DPO as Lee et al. 2024 use it: trained to prefer each
+                  clean ParaDetox paraphrase over its toxic original, against a frozen copy of
+                  the model; nothing zeroed (lmprune/dpo.py)
   induced         (with an `induce:` section) gradient routing into a designated module, that
                   module pruned; `induced-random-S` ablate a random same-size set of the same
                   routed model instead
   frontier-*      the toxicity-fluency frontier (`compare.frontier_budgets`,
                   `compare.aura_strengths`): the headline's settings at other module budgets,
                   a random same-size set at each, AURA at other strengths alpha
-With a `relearn:` section, chosen rows (default: base, the headline, AURA, ProFS, the first
+With a `relearn:` section, chosen rows (default: base, the headline, AURA, ProFS, DPO, the first
 random control, induced) also face the relearning attack (lmprune/relearn.py) for each `docs` count
 and `masks` setting, from their pruned model, after everything else.
 Every row is measured against its like: a pruned row against the base, a fine-tuned row against
@@ -38,6 +41,7 @@ from pathlib import Path
 
 from lmprune.collect import CollectConfig
 from lmprune.config import build_config, option
+from lmprune.dpo import DpoConfig
 from lmprune.errors import ConfigError, LmpruneError
 from lmprune.evaluate.command import EvalConfig
 from lmprune.finetune import FinetuneConfig
@@ -82,6 +86,16 @@ class CompareConfig:
     profs_rank: int = option(2, "Dimensions of ProFS's toxic subspace (the paper: 2 on GPT-2).")
     profs_layers: str = option("upper", "Layers ProFS edits: upper (the upper half), all, 3,4,5 "
                                "or 10-20.")
+    dpo: bool = option(False, "Add DPO: trained to prefer clean paraphrases over their toxic "
+                       "originals (lmprune dpo).")
+    dpo_pairs: str = option("paradetox", "DPO's paired texts (rejected: the offensive text, "
+                            "chosen: its clean rewrite; lmprune dpo --pairs).")
+    dpo_max_pairs: int = option(128, "Pairs DPO trains on.")
+    dpo_beta: float = option(0.1, "DPO's beta (Lee et al.: 0.1).")
+    dpo_lr: float = option(1e-5, "DPO's learning rate (Lee et al.: 1e-6, over thousands of "
+                           "steps).")
+    dpo_max_steps: int = option(32, "DPO's optimizer steps.")
+    dpo_batch_size: int = option(4, "Pairs per DPO step (Lee et al.: 4).")
     induced_random_seeds: list[int] = option([0], "Seeds of the random controls of the induced "
                                              "row (ablated in the same routed model).")
     frontier_budgets: list[str] = option([], "Module budgets of the toxicity-fluency frontier "
@@ -220,7 +234,8 @@ def parse_compare(values: dict, name: str) -> CompareRecipe:
     if bad:
         raise LmpruneError(f"compare.aura_strengths: {bad[0]} is not in (0, 2]")
     _check_profs_settings(compare)
-    reserved = {"base", "aura", "top-auroc", "profs", "induced"}
+    _check_dpo_settings(compare)
+    reserved = {"base", "aura", "top-auroc", "profs", "dpo", "induced"}
     clash = [n for n in names if n in reserved or n.startswith(("random-", "frontier-"))]
     if clash:
         raise LmpruneError(f"modules.{clash[0]}: that row name is taken by a control; rename it")
@@ -264,7 +279,7 @@ def _check_relearn(given: dict, run: RunConfig, recipe: CompareRecipe) -> Relear
     return RelearnSection(rows, docs, masks, config)
 
 
-UNMASKED = {"base", "aura", "profs"}  # rows that zero no neuron
+UNMASKED = {"base", "aura", "profs", "dpo"}  # rows that zero no neuron
 
 
 def relearn_rows(recipe: CompareRecipe) -> list[str]:
@@ -275,14 +290,14 @@ def relearn_rows(recipe: CompareRecipe) -> list[str]:
     if section.rows is not None:
         return section.rows
     names = row_names(recipe)
-    wanted = {"base", recipe.headline.name, "aura", "profs", "induced",
+    wanted = {"base", recipe.headline.name, "aura", "profs", "dpo", "induced",
               *[f"random-{s}" for s in recipe.compare.random_seeds[:1]]}
     return [n for n in names if n in wanted]
 
 
 def relearn_attacks(recipe: CompareRecipe) -> list[tuple[str, int, str]]:
     """(row, docs, masks) of every attack; released masks only where neurons were zeroed (the
-    base, AURA and ProFS have none to release)."""
+    base, AURA, ProFS and DPO have none to release)."""
     if recipe.relearn is None:
         return []
     return [(row, n, masks) for row in relearn_rows(recipe) for n in recipe.relearn.docs
@@ -297,20 +312,20 @@ def profs_config(compare: CompareConfig, model: str, out: str, device: str) -> P
                        layers=compare.profs_layers, device=device)
 
 
-def _profs_errors(check) -> None:
+def _row_errors(row: str, check) -> None:
     """Run `check`, naming a bad setting as its recipe key (compare.profs_rank, ...)."""
     try:
         check()
     except ConfigError as err:
-        raise LmpruneError(f"compare.profs_{err.key}: {err.problem}") from None
+        raise LmpruneError(f"compare.{row}_{err.key}: {err.problem}") from None
     except LmpruneError as err:
-        raise LmpruneError(f"compare.profs: {err}") from None
+        raise LmpruneError(f"compare.{row}: {err}") from None
 
 
 def _check_profs_settings(compare: CompareConfig) -> None:
     from lmprune.profs import check_config
 
-    _profs_errors(lambda: check_config(profs_config(compare, "-", "-", "cpu")))
+    _row_errors("profs", lambda: check_config(profs_config(compare, "-", "-", "cpu")))
 
 
 def _check_profs_inputs(recipe: CompareRecipe) -> None:
@@ -319,7 +334,30 @@ def _check_profs_inputs(recipe: CompareRecipe) -> None:
     from lmprune.profs import check_model, read_pairs, skeleton
 
     cfg = profs_config(recipe.compare, recipe.run.model, "-", "cpu")
-    _profs_errors(lambda: (read_pairs(cfg), check_model(cfg, NeuronMap(skeleton(cfg.model)))))
+    _row_errors("profs", lambda: (read_pairs(cfg),
+                                  check_model(cfg, NeuronMap(skeleton(cfg.model)))))
+
+
+def dpo_config(compare: CompareConfig, model: str, out: str, device: str) -> DpoConfig:
+    """The `dpo` row's settings: `compare.dpo_KEY` is `lmprune dpo --KEY`."""
+    return DpoConfig(model=model, out=out, pairs=compare.dpo_pairs,
+                     max_pairs=compare.dpo_max_pairs, beta=compare.dpo_beta, lr=compare.dpo_lr,
+                     max_steps=compare.dpo_max_steps, batch_size=compare.dpo_batch_size,
+                     device=device)
+
+
+def _check_dpo_settings(compare: CompareConfig) -> None:
+    from lmprune.dpo import check_config
+
+    _row_errors("dpo", lambda: check_config(dpo_config(compare, "-", "-", "cpu")))
+
+
+def _check_dpo_inputs(recipe: CompareRecipe) -> None:
+    """The pairs of the `dpo` row: enough for a batch beside the held-out ones."""
+    from lmprune.dpo import read_pairs
+
+    _row_errors("dpo", lambda: read_pairs(dpo_config(recipe.compare, recipe.run.model, "-",
+                                                     "cpu")))
 
 
 def _check_induce(given, run: RunConfig) -> dict:
@@ -345,6 +383,8 @@ def load_compare(path: str | Path, overrides: list[str] = (), out: str | None = 
                          sections=SECTIONS)
     if check_files and recipe.compare.profs:
         _check_profs_inputs(recipe)
+    if check_files and recipe.compare.dpo:
+        _check_dpo_inputs(recipe)
     return recipe
 
 
@@ -434,6 +474,8 @@ def row_names(recipe: CompareRecipe) -> list[str]:
         names.append("top-auroc")
     if recipe.compare.profs:
         names.append("profs")
+    if recipe.compare.dpo:
+        names.append("dpo")
     if recipe.induce is not None:
         names += ["induced", *(f"induced-random-{s}" for s in recipe.compare.induced_random_seeds)]
     for points in frontier(recipe).values():
@@ -443,6 +485,7 @@ def row_names(recipe: CompareRecipe) -> list[str]:
 
 def plan_compare(recipe: CompareRecipe, folder: CompareFolder) -> list[Stage]:
     from lmprune.collect import run_collect
+    from lmprune.dpo import run as run_dpo
     from lmprune.evaluate.command import evaluate, summary
     from lmprune.finetune import build_evaluator, finetune
     from lmprune.locate.run import run as run_locate
@@ -523,6 +566,11 @@ def plan_compare(recipe: CompareRecipe, folder: CompareFolder) -> list[Stage]:
                            headline_cfg.device)
         stages.append(Stage("prune:profs", cfg, lambda resume, c=cfg: run_profs(c),
                             [folder.row_model("profs")], [], [model, cfg.pairs]))
+    if recipe.compare.dpo:  # a training stage: on the fine-tuning's device
+        cfg = dpo_config(recipe.compare, model, str(folder.row_model("dpo")),
+                         recipe.finetune.device)
+        stages.append(Stage("prune:dpo", cfg, lambda resume, c=cfg: run_dpo(c),
+                            [folder.row_model("dpo")], [], [model, cfg.pairs]))
 
     def target_model(name: str) -> tuple[str, list[Path]]:
         if name == "base":

@@ -37,6 +37,8 @@ _MODES = {
     "profs": "a toxic subspace, found from paired toxic and non-toxic sentence embeddings, was "
              "projected out of the MLP output weights (ProFS, Uppaal et al. 2025); no neuron "
              "was zeroed",
+    "dpo": "the model was trained with DPO (Rafailov et al. 2023) to prefer neutral paraphrases "
+           "over their toxic originals, as Lee et al. 2024 do; no neuron was zeroed",
 }
 
 # (key in eval["toxicity"], label); lower is better for all of them.

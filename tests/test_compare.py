@@ -497,3 +497,56 @@ def test_the_profs_row_is_planned_behind_its_switch_and_moves_no_other_stage(tmp
     ]:
         with pytest.raises(LmpruneError, match=re.escape(message)):
             load_compare(path, change)
+
+
+def test_the_dpo_row_is_planned_behind_its_switch_and_moves_no_other_stage(tmp_path):
+    from lmprune.compare import CompareFolder, plan_compare, relearn_attacks, row_names
+    from lmprune.dpo import DpoConfig
+
+    inputs = write_run_inputs(tmp_path)
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("offensive\tclean\n" + "".join(f"bad {i}\tgood {i}\n" for i in range(50)))
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(compare_values(inputs, tmp_path / "out")))
+    folder = CompareFolder(tmp_path / "out")
+    plain = load_compare(path)
+    switched = ["compare.dpo=true", f"compare.dpo_pairs={pairs}", "compare.dpo_beta=0.2",
+                "compare.dpo_max_steps=3", "compare.dpo_max_pairs=16",
+                "relearn.rows=[base, planted, dpo]"]
+    on = load_compare(path, switched)
+    assert not plain.compare.dpo and "dpo" not in row_names(plain)
+    names = row_names(plain)
+    at = names.index("top-auroc") + 1
+    assert row_names(on) == [*names[:at], "dpo", *names[at:]]
+
+    before, after = plan_compare(plain, folder), plan_compare(on, folder)
+    keys = {s.name: s.key(folder.root) for s in before}
+    assert {s.name: s.key(folder.root) for s in after if s.name in keys} == keys
+    added = {s.name: s for s in after if s.name not in keys}
+    assert sorted(added) == ["eval:dpo", "eval:dpo+ft", "finetune:dpo", "prune:dpo",
+                             "relearn:dpo@8-held"]  # nothing zeroed: no released attack
+    assert ("dpo", 8, "released") not in relearn_attacks(on)
+    train = added["prune:dpo"]
+    model_dir = str(folder.row_model("dpo"))
+    assert isinstance(train.config, DpoConfig) and train.outputs == [folder.row_model("dpo")]
+    assert (train.config.model, train.config.out, train.config.pairs, train.config.beta,
+            train.config.max_steps, train.config.lr, train.config.device) == (
+        plain.run.model, model_dir, str(pairs), 0.2, 3, 1e-5, plain.finetune.device)
+    assert train.sources == [plain.run.model, str(pairs)]
+    base_tune = next(s for s in after if s.name == "finetune:base").config
+    tune = added["finetune:dpo"].config
+    assert tune.model == model_dir and tune.base_model == plain.run.model
+    assert dataclasses.replace(tune, model=base_tune.model, out=base_tune.out,
+                               eval_every=base_tune.eval_every) == base_tune
+
+    few = tmp_path / "few.tsv"
+    few.write_text("offensive\tclean\nbad\tgood\n")
+    for change, message in [
+        (["compare.dpo_beta=0"], "compare.dpo_beta: must be above 0, not 0.0"),
+        (["compare.dpo_batch_size=0"], "compare.dpo_batch_size: must be at least 1, not 0"),
+        (["compare.dpo=true", f"compare.dpo_pairs={few}"],
+         "compare.dpo: pairs '" + str(few) + "' has 0 training pair(s) after holding 1 out"),
+        (["modules.dpo.select=top:1"], "row name is taken"),
+    ]:
+        with pytest.raises(LmpruneError, match=re.escape(message)):
+            load_compare(path, change)
