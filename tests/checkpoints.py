@@ -34,6 +34,21 @@ def tiny_checkpoint(folder: Path, model_type: str = "llama", **lineage_fields) -
     return folder
 
 
+def pruned_base_pair(root: Path, pruned: dict[int, list[int]], model_type: str = "gpt2") -> None:
+    """`root/base` (a tiny random model) and `root/pruned`: it with `pruned` zeroed, as `lmprune
+    prune` leaves it (the lineage names `root/base` as its base model)."""
+    from lmprune.models import load_model, save_model
+    from lmprune.prune import PruneMask
+
+    save_tiny(model_type, root / "base")
+    base = load_model(str(root / "base"), dtype="float32")
+    PruneMask(base.model, pruned).apply(base.model)
+    meta = {"format": "lmprune.checkpoint", "format_version": 1, "base_model": base.identity,
+            "mode": "modules", "pruned_neurons": {str(k): v for k, v in pruned.items()},
+            "history": [{"stage": "prune"}]}
+    save_model(base.model, base.tokenizer, root / "pruned", extra_files={"lmprune.json": meta})
+
+
 def snapshot(folder: Path) -> dict[str, str]:
     """Every path under `folder` (files and folders) -> sha256 of its bytes ("dir" for folders)."""
     return {p.relative_to(folder).as_posix():

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import pruned_base_pair
 from safetensors.torch import load_file
 from tiny_models import mean_token_nll, random_batch, save_tiny, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
@@ -32,7 +33,7 @@ from lmprune.finetune import (
     train_step,
     training_corpus,
 )
-from lmprune.models import load_model, save_model
+from lmprune.models import load_model
 from lmprune.prune import PruneMask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,13 +49,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def setup(tmp_path_factory):
     """A tiny GPT-2 (it has dropout: RNG state matters), a pruned checkpoint, a corpus."""
     root = tmp_path_factory.mktemp("ft")
-    save_tiny("gpt2", root / "base")
-    base = load_model(str(root / "base"), dtype="float32")
-    PruneMask(base.model, PRUNED).apply(base.model)
-    meta = {"format": "lmprune.checkpoint", "format_version": 1, "base_model": base.identity,
-            "mode": "modules", "pruned_neurons": {str(k): v for k, v in PRUNED.items()},
-            "history": [{"stage": "prune"}]}
-    save_model(base.model, base.tokenizer, root / "pruned", extra_files={"lmprune.json": meta})
+    pruned_base_pair(root, PRUNED)
     lines = [f"line {i}: the quick brown fox jumps over the lazy dog, again and again."
              for i in range(120)]
     (root / "train.txt").write_text("\n".join(lines))

@@ -6,15 +6,16 @@ import json
 
 import pytest
 import torch
+from checkpoints import pruned_base_pair
 from safetensors.torch import load_file
-from tiny_models import random_batch, save_tiny, tiny_model
+from tiny_models import random_batch, tiny_model
 
 from lmprune.cli import main
 from lmprune.errors import LmpruneError
 from lmprune.evaluate.fluency import judge_fluency
 from lmprune.evaluate.scorers import load_scorer
 from lmprune.evaluate.toxicity import evaluate_toxicity
-from lmprune.models import load_model, save_model
+from lmprune.models import load_model
 from lmprune.prune import PruneMask
 from lmprune.relearn import RelearnConfig, attack_corpus, recovery, relearn
 
@@ -28,13 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def setup(tmp_path_factory):
     """A tiny GPT-2 base, its pruned checkpoint, an offensive corpus and prompts."""
     root = tmp_path_factory.mktemp("relearn")
-    save_tiny("gpt2", root / "base")
-    base = load_model(str(root / "base"), dtype="float32")
-    PruneMask(base.model, PRUNED).apply(base.model)
-    meta = {"format": "lmprune.checkpoint", "format_version": 1, "base_model": base.identity,
-            "mode": "modules", "pruned_neurons": {str(k): v for k, v in PRUNED.items()},
-            "history": [{"stage": "prune"}]}
-    save_model(base.model, base.tokenizer, root / "pruned", extra_files={"lmprune.json": meta})
+    pruned_base_pair(root, PRUNED)
     (root / "offensive.txt").write_text("".join(f"doc {i}: you stupid idiot, shut up fool\n"
                                                 for i in range(40)))
     (root / "prompts.txt").write_text("\n".join(PROMPTS))
