@@ -2,7 +2,7 @@
 against the same loop without masks, in the same run.
 
 Two copies of one model (same pruned starting weights) train side by side with
-`lmprune.finetune.train_step`; each repeat times a few steps of each, in alternating order, so
+`lmprune.training.train_step`; each repeat times a few steps of each, in alternating order, so
 load from other work on the machine hits both alike. Prints JSON; the last line is
 {"machine": ..., "ratios": {"masked_vs_plain_tokens_per_s": ...}, ...}.
 
@@ -59,8 +59,8 @@ def main() -> None:
     from accelerate import Accelerator
 
     from lmprune.arch import NeuronMap
-    from lmprune.finetune import make_optimizer, make_scheduler, train_step
-    from lmprune.prune import PruneMask
+    from lmprune.masks import PruneMask
+    from lmprune.training import make_optimizer, make_scheduler, train_step
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fraction", type=float, default=0.1, help="Neurons pruned per layer.")

@@ -32,9 +32,9 @@ def main() -> None:
     from accelerate import Accelerator
 
     from lmprune.arch import NeuronMap
-    from lmprune.finetune import make_optimizer, make_scheduler, train_step
     from lmprune.induce import Pass, routed_step
-    from lmprune.prune import PruneMask
+    from lmprune.masks import PruneMask
+    from lmprune.training import make_optimizer, make_scheduler, train_step
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--neurons", type=int, default=16, help="Designated neurons per layer.")

@@ -33,7 +33,7 @@ steps instead of thousands) with 4 warmup steps, 128 training pairs, 32 held-out
 at the end.
 
 A pruned input checkpoint keeps its masks: the pruned slices' gradients are zeroed before each
-optimizer step and the slices zeroed again after it (`lmprune.prune.PruneMask`), and the saved
+optimizer step and the slices zeroed again after it (`lmprune.masks.PruneMask`), and the saved
 lineage keeps its `pruned_neurons`.
 """
 
@@ -56,15 +56,8 @@ from lmprune.config import option, register_stage
 from lmprune.data import Pairs, load_pairs
 from lmprune.errors import ConfigError, LmpruneError
 from lmprune.io import check_out_dir
-from lmprune.prune import (
-    CHECKPOINT_FILE,
-    PruneMask,
-    command_line,
-    count_neurons,
-    neurons_to_json,
-    read_checkpoint_meta,
-    utc_now,
-)
+from lmprune.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
+from lmprune.masks import PruneMask, count_neurons, neurons_to_json
 
 DEVICES = ("auto", "cpu", "cuda")
 # TRL's metric names (without the eval_ prefix) -> ours in lmprune.json
@@ -229,7 +222,7 @@ def dpo_train(config: DpoConfig, loaded, train: Pairs, held_out: Pairs | None) -
     save with it."""
     started = time.perf_counter()
     model, tok = loaded.model, loaded.tokenizer
-    previous = read_checkpoint_meta(loaded.source.path) if loaded.source.kind == "folder" else None
+    previous = read_lineage(loaded.source.path) if loaded.source.kind == "folder" else None
     previous = previous or {}
     mask = PruneMask(model, previous.get("pruned_neurons", {}))
     mask.apply(model)
@@ -284,7 +277,7 @@ def run(config: DpoConfig) -> int:
     loaded = load_model(config.model, dtype=config.dtype, device=config.device)
     meta = dpo_train(config, loaded, train, held_out)
     save_model(loaded.model, loaded.tokenizer, config.out,
-               extra_files={CHECKPOINT_FILE: meta}, overwrite=config.overwrite)
+               extra_files={LINEAGE_FILE: meta}, overwrite=config.overwrite)
     record = meta["dpo"]
     last = record["train"]["last"]
     held = (f"; held-out margin {record['eval']['reward_margin']:.3f}, accuracy "

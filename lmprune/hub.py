@@ -17,13 +17,9 @@ from pathlib import Path
 
 from lmprune.config import option, register_stage
 from lmprune.errors import LmpruneError, first_line
-from lmprune.modelcard import (
-    CARD_FILE,
-    LINEAGE_FILE,
-    build_model_card,
-    read_lineage,
-    write_text_atomic,
-)
+from lmprune.io import write_text_atomic
+from lmprune.lineage import LINEAGE_FILE, read_lineage
+from lmprune.modelcard import CARD_FILE, build_model_card
 
 _OFFLINE = ("offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set): unset it to "
             "push to the Hub")
@@ -55,7 +51,7 @@ def check_checkpoint(folder: str | Path) -> Path:
     if missing:
         raise LmpruneError(f"{folder} is not an lmprune checkpoint (missing {', '.join(missing)}): "
                            f"push a folder written by `lmprune prune` or `lmprune finetune`")
-    read_lineage(folder)  # valid JSON object, or a clear error
+    read_lineage(folder, required=True)  # valid JSON object, or a clear error
     return folder
 
 

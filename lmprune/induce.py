@@ -39,28 +39,17 @@ from torch import nn
 from lmprune.arch import NeuronMap
 from lmprune.config import option, register_stage
 from lmprune.errors import LmpruneError
-from lmprune.finetune import (
+from lmprune.io import check_out_dir
+from lmprune.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
+from lmprune.masks import NeuronSet, PruneMask, count_neurons, neurons_to_json, normalize_neurons
+from lmprune.prune import check_module_map, load_module_map, module_neurons
+from lmprune.training import (
     BlockOrder,
     CheckpointStore,
     make_optimizer,
     make_scheduler,
     pack_documents,
     start_accelerator,
-)
-from lmprune.io import check_out_dir
-from lmprune.prune import (
-    CHECKPOINT_FILE,
-    NeuronSet,
-    PruneMask,
-    check_module_map,
-    command_line,
-    count_neurons,
-    load_module_map,
-    module_neurons,
-    neurons_to_json,
-    normalize_neurons,
-    read_checkpoint_meta,
-    utc_now,
 )
 
 MODULES_FILE = "modules.json"
@@ -414,7 +403,7 @@ def induce(config: InduceConfig) -> Path:
 
     loaded = load_model(config.model, dtype=config.dtype, device=str(accelerator.device))
     model, tokenizer = loaded.model, loaded.tokenizer
-    previous = read_checkpoint_meta(config.model) if loaded.source.kind == "folder" else None
+    previous = read_lineage(config.model) if loaded.source.kind == "folder" else None
     if (previous or {}).get("pruned_neurons"):
         raise LmpruneError(f"{config.model} is pruned already: induce a module in an unpruned "
                            f"model")
@@ -464,7 +453,7 @@ def induce(config: InduceConfig) -> Path:
             "steps": config.max_steps, "last_losses": last, "num_processes": nproc,
             "resumed_from": resumed_from, "seconds": round(time.time() - started, 1)}
         meta = checkpoint_meta(loaded.identity, previous, neurons, nmap, record)
-        save_model(unwrapped, tokenizer, config.out, extra_files={CHECKPOINT_FILE: meta},
+        save_model(unwrapped, tokenizer, config.out, extra_files={LINEAGE_FILE: meta},
                    overwrite=config.overwrite)
         # scored after saving: TokenBatches sets the tokenizer's padding side
         scores = score_module(unwrapped, tokenizer, neurons, offensive.texts, clean.texts, config)
@@ -527,7 +516,7 @@ def write_module_map(out: str | Path, identity: dict, nmap: NeuronMap, neurons: 
 
 def run(config: InduceConfig) -> int:
     out = induce(config)
-    meta = read_checkpoint_meta(out)
+    meta = read_lineage(out)
     print(f"induced a module of {meta['num_designated']:,} neurons "
           f"({meta['fraction_designated']:.2%}) -> {out} (prune it with --modules "
           f"{Path(out) / MODULES_FILE} --select ids:0)")

@@ -14,11 +14,10 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from lmprune.errors import LmpruneError
 from lmprune.io import write_text_atomic
+from lmprune.lineage import read_lineage
 
 CARD_FILE = "README.md"
-LINEAGE_FILE = "lmprune.json"
 TAGS = ["lmprune", "detoxification", "pruning"]
 
 # Facts about base models the card cannot look up offline: license (Hub identifier), language.
@@ -58,21 +57,6 @@ CONTENT_WARNING = (
     "offensive text; it does not stop it: the model can still produce toxic, biased or otherwise "
     "harmful output."
 )
-
-
-def read_lineage(folder: str | Path) -> dict:
-    """The checkpoint's `lmprune.json` (see docs/formats.md)."""
-    path = Path(folder) / LINEAGE_FILE
-    if not path.is_file():
-        raise LmpruneError(f"{folder} has no {LINEAGE_FILE}: it is not a checkpoint written by "
-                           f"`lmprune prune` or `lmprune finetune`")
-    try:
-        lineage = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LmpruneError(f"{path} is not valid JSON ({err})") from err
-    if not isinstance(lineage, dict):
-        raise LmpruneError(f"{path}: expected a JSON object")
-    return lineage
 
 
 def base_model_hub_id(identity) -> str | None:
@@ -468,7 +452,7 @@ def build_model_card(checkpoint_dir: str | Path, eval_results: dict | None = Non
                      reference: str = "base model") -> ModelCard:
     """The card of `checkpoint_dir` (not written): metadata plus markdown body."""
     folder = Path(checkpoint_dir)
-    lineage = read_lineage(folder)
+    lineage = read_lineage(folder, required=True)
     base_id = base_model_hub_id(lineage.get("base_model"))
     known = KNOWN_BASE_MODELS.get(base_id or "", {})
     model_name = model_name or folder.resolve().name

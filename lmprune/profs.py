@@ -44,15 +44,8 @@ from lmprune.data import Pairs, load_pairs
 from lmprune.errors import ConfigError, LmpruneError
 from lmprune.induce import parse_layers
 from lmprune.io import check_out_dir
-from lmprune.prune import (
-    CHECKPOINT_FILE,
-    command_line,
-    count_neurons,
-    neurons_to_json,
-    normalize_neurons,
-    read_checkpoint_meta,
-    utc_now,
-)
+from lmprune.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
+from lmprune.masks import count_neurons, neurons_to_json, normalize_neurons
 
 # singular values recorded per layer: enough to see where the spectrum drops
 KEPT_SINGULAR_VALUES = 16
@@ -241,7 +234,7 @@ def profs_edit(config: ProfsConfig, loaded, pairs: Pairs) -> dict:
             # share of the preference matrix's energy inside the subspace
             "explained": float(energy[:config.rank].sum() / energy.sum()),
         }
-    previous = read_checkpoint_meta(loaded.source.path) if loaded.source.kind == "folder" else None
+    previous = read_lineage(loaded.source.path) if loaded.source.kind == "folder" else None
     previous = previous or {}
     # earlier zeroed neurons stay zero: a zero column of W stays zero in (I - U U^T) W
     pruned = normalize_neurons(previous.get("pruned_neurons", {}))
@@ -291,7 +284,7 @@ def run(config: ProfsConfig) -> int:
     loaded = load_model(config.model, dtype=config.dtype, device=config.device)
     meta = profs_edit(config, loaded, pairs)
     save_model(loaded.model, loaded.tokenizer, config.out,
-               extra_files={CHECKPOINT_FILE: meta}, overwrite=config.overwrite)
+               extra_files={LINEAGE_FILE: meta}, overwrite=config.overwrite)
     record = meta["profs"]
     print(f"projected a rank-{config.rank} toxic subspace out of the MLP output weights of "
           f"{len(record['layers'])} layers ({record['pairs']['pairs']} pairs) -> {config.out}")

@@ -32,7 +32,7 @@ from lmprune.finetune import (
     write_curve,
 )
 from lmprune.io import read_json, save_figure_atomic
-from lmprune.prune import read_checkpoint_meta
+from lmprune.lineage import read_lineage
 
 SUMMARY_KEY = "relearn"
 RECOVERED_SHARE = 0.5  # "half of the gap": the field's usual recovery point
@@ -98,7 +98,7 @@ def judge_model(config: RelearnConfig):
         return None
     name = config.fluency_judge
     if name == "base":
-        base = (read_checkpoint_meta(config.model) or {}).get("base_model") or {}
+        base = (read_lineage(config.model) or {}).get("base_model") or {}
         name = base.get("name") or config.model
     try:
         return load_model(name, dtype=config.dtype, device=config.device)

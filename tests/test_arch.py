@@ -9,7 +9,7 @@ from tiny_models import TINY_CONFIGS, random_batch, tiny_model
 from lmprune.arch import ARCHITECTURES, NeuronMap, layout_for
 from lmprune.errors import LmpruneError
 from lmprune.hooks import NeuronHooks
-from lmprune.prune import PruneMask
+from lmprune.masks import PruneMask
 
 ARCHS = sorted(TINY_CONFIGS)
 

@@ -25,8 +25,8 @@ from lmprune.dpo import (
     prompt_text,
     read_pairs,
 )
+from lmprune.masks import PruneMask
 from lmprune.models import load_model, save_model
-from lmprune.prune import PruneMask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

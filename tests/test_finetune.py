@@ -22,19 +22,10 @@ from transformers import AutoModelForCausalLM
 
 from lmprune.data import load_corpus
 from lmprune.errors import LmpruneError
-from lmprune.finetune import (
-    BlockOrder,
-    FinetuneConfig,
-    build_evaluator,
-    finetune,
-    make_optimizer,
-    make_scheduler,
-    pack_blocks,
-    train_step,
-    training_corpus,
-)
+from lmprune.finetune import FinetuneConfig, build_evaluator, finetune, training_corpus
+from lmprune.masks import PruneMask
 from lmprune.models import load_model
-from lmprune.prune import PruneMask
+from lmprune.training import BlockOrder, make_optimizer, make_scheduler, pack_blocks, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 PRUNED = {0: [1, 4, 9, 17], 1: [0, 2, 30]}

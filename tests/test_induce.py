@@ -19,7 +19,6 @@ from tiny_models import random_batch, save_tiny, tiny_model, tiny_tokenizer
 
 from lmprune.cli import main
 from lmprune.errors import LmpruneError
-from lmprune.finetune import make_optimizer, make_scheduler
 from lmprune.induce import (
     InduceConfig,
     Pass,
@@ -31,8 +30,10 @@ from lmprune.induce import (
     routed_step,
 )
 from lmprune.locate.score import CausalScorer, TokenBatches, random_control_sets
+from lmprune.masks import PruneMask
 from lmprune.models import load_model
-from lmprune.prune import PruneMask, random_like
+from lmprune.prune import random_like
+from lmprune.training import make_optimizer, make_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 DESIGNATED = {0: [1, 4, 9, 17], 1: [0, 2, 30]}

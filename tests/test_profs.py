@@ -14,6 +14,7 @@ from lmprune.arch import NeuronMap
 from lmprune.cli import main
 from lmprune.data import load_pairs
 from lmprune.errors import LmpruneError
+from lmprune.masks import PruneMask
 from lmprune.models import load_model, save_model
 from lmprune.profs import (
     ProfsConfig,
@@ -24,7 +25,6 @@ from lmprune.profs import (
     sentence_embeddings,
     toxic_subspace,
 )
-from lmprune.prune import PruneMask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

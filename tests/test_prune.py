@@ -21,10 +21,10 @@ from lmprune.arch import NeuronMap
 from lmprune.cli import main
 from lmprune.errors import LmpruneError
 from lmprune.hooks import NeuronHooks
+from lmprune.masks import PruneMask
 from lmprune.models import load_model
 from lmprune.prune import (
     PruneConfig,
-    PruneMask,
     aura_factors,
     make_gap_fn,
     parse_select,

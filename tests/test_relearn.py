@@ -15,8 +15,8 @@ from lmprune.errors import LmpruneError
 from lmprune.evaluate.fluency import judge_fluency
 from lmprune.evaluate.scorers import load_scorer
 from lmprune.evaluate.toxicity import evaluate_toxicity
+from lmprune.masks import PruneMask
 from lmprune.models import load_model
-from lmprune.prune import PruneMask
 from lmprune.relearn import RelearnConfig, attack_corpus, recovery, relearn
 
 PRUNED = {0: [1, 4, 9, 17], 1: [0, 2, 30]}

@@ -269,7 +269,7 @@ CASES = [
     # push
     ("push-corrupt-lineage", lambda w: ((w / "model" / "lmprune.json").write_text("{"),
                                         ["push", "model", "--repo-id", "a/b"])[1], 2,
-     "lmprune.json is not valid JSON"),
+     "lmprune.json is corrupt or truncated"),
 ]
 
 
