@@ -53,6 +53,7 @@ from lmprune.pipeline import (
     RunFolder,
     Stage,
     check_stages,
+    digest,
     duration,
     execute_stages,
     general_from_finetune,
@@ -418,9 +419,7 @@ class CompareFolder(RunFolder):
     def modules_for(self, locate: LocateConfig, default: LocateConfig) -> Path:
         if locate == default:
             return self.modules
-        from lmprune.pipeline import _digest
-
-        return self.root / f"modules-{_digest(dataclasses.asdict(locate))[:10]}.json"
+        return self.root / f"modules-{digest(dataclasses.asdict(locate))[:10]}.json"
 
 
 def budget_rows(recipe: CompareRecipe, budget: str) -> tuple[str, str | None]:

@@ -287,7 +287,8 @@ def load_recipe(path: str | Path, overrides: list[str] = (), out: str | None = N
 # Hashes of inputs
 
 
-def _digest(payload) -> str:
+def digest(payload) -> str:
+    """The sha256 of a JSON-able value (keys sorted): stage keys and content-named files."""
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -308,7 +309,7 @@ def path_hash(path: str | Path) -> str:
         # the same checkpoint).
         stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
         if stamp not in _WEIGHT_HASHES:
-            _WEIGHT_HASHES[stamp] = _digest([folder_weights_sha256(path),
+            _WEIGHT_HASHES[stamp] = digest([folder_weights_sha256(path),
                                              file_sha256(lineage) if lineage.is_file() else None])
         return _WEIGHT_HASHES[stamp]
     return "missing"
@@ -322,7 +323,7 @@ def source_hash(spec: str) -> str:
     from lmprune.data import resolve_spec
 
     source = Path(resolve_spec(spec).partition("?")[0]).expanduser()
-    return _digest([spec, path_hash(source)]) if source.exists() else spec
+    return digest([spec, path_hash(source)]) if source.exists() else spec
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,7 +349,7 @@ class Stage:
             else self.config
         config = {k: v for k, v in config.items() if k not in UNHASHED}
         text = json.dumps({"stage": self.name, "config": config}, sort_keys=True, default=str)
-        return _digest({"settings": text.replace(str(root), "<run>"),
+        return digest({"settings": text.replace(str(root), "<run>"),
                         "inputs": [path_hash(p) for p in self.inputs],
                         "sources": [source_hash(s) for s in self.sources]})
 
