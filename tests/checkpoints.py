@@ -49,6 +49,23 @@ def pruned_base_pair(root: Path, pruned: dict[int, list[int]], model_type: str =
     save_model(base.model, base.tokenizer, root / "pruned", extra_files={"lmprune.json": meta})
 
 
+def randomly_pruned(folder: Path, neurons: dict[int, list[int]]) -> Path:
+    """A tiny LLaMA with `neurons` zeroed and a lineage that says so (mode random), as the input
+    of a later stage whose zeros must survive it."""
+    from tiny_models import tiny_model, tiny_tokenizer, zero_neurons
+
+    from lmprune.models import save_model
+
+    model = tiny_model("llama")
+    zero_neurons(model, neurons)
+    lineage = {"format": "lmprune.checkpoint", "format_version": 1, "mode": "random",
+               "base_model": {"name": "tiny", "kind": "folder", "model_type": "llama"},
+               "pruned_neurons": {str(k): v for k, v in neurons.items()},
+               "history": [{"stage": "prune", "mode": "random"}]}
+    save_model(model, tiny_tokenizer(), folder, extra_files={"lmprune.json": lineage})
+    return folder
+
+
 def snapshot(folder: Path) -> dict[str, str]:
     """Every path under `folder` (files and folders) -> sha256 of its bytes ("dir" for folders)."""
     return {p.relative_to(folder).as_posix():

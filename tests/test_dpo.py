@@ -13,7 +13,8 @@ import tempfile
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import save_tiny, tiny_model, tiny_tokenizer, zero_neurons
+from checkpoints import randomly_pruned
+from tiny_models import save_tiny, tiny_model, tiny_tokenizer
 
 from lmprune.cli import main
 from lmprune.data import Pairs
@@ -26,7 +27,7 @@ from lmprune.dpo import (
     read_pairs,
 )
 from lmprune.masks import PruneMask
-from lmprune.models import load_model, save_model
+from lmprune.models import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -168,13 +169,7 @@ def _dpo(capsys, *argv):
 
 def test_cli_writes_a_checkpoint_that_reloads_with_identical_logits(tmp_path, capsys):
     # an earlier pruning: its zeroed neurons must stay zero through the training
-    model = tiny_model("llama")
-    zero_neurons(model, {0: [1, 5], 1: [7]})
-    lineage = {"format": "lmprune.checkpoint", "format_version": 1, "mode": "random",
-               "base_model": {"name": "tiny", "kind": "folder", "model_type": "llama"},
-               "pruned_neurons": {"0": [1, 5], "1": [7]},
-               "history": [{"stage": "prune", "mode": "random"}]}
-    save_model(model, tiny_tokenizer(), tmp_path / "m", extra_files={"lmprune.json": lineage})
+    randomly_pruned(tmp_path / "m", {0: [1, 5], 1: [7]})
     pairs = write_pairs(tmp_path / "p.tsv", planted_pairs(40, seed=2))
     argv = ["--model", str(tmp_path / "m"), "--pairs", str(pairs), "--out", str(tmp_path / "o"),
             "--max-steps", "3", "--batch-size", "4", "--max-pairs", "12", "--eval-pairs", "8",

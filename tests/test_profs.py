@@ -8,7 +8,8 @@ import random
 
 import pytest
 import torch
-from tiny_models import save_tiny, tiny_model, tiny_tokenizer, zero_neurons
+from checkpoints import randomly_pruned
+from tiny_models import save_tiny, tiny_model, tiny_tokenizer
 
 from lmprune.arch import NeuronMap
 from lmprune.cli import main
@@ -264,13 +265,7 @@ def _profs(capsys, *argv):
 
 def test_cli_writes_a_checkpoint_that_reloads_with_identical_logits(tmp_path, capsys):
     # an earlier pruning: its zeroed neurons must stay zero through the edit
-    model = tiny_model("llama")
-    zero_neurons(model, {0: [1, 5], 1: [7]})
-    lineage = {"format": "lmprune.checkpoint", "format_version": 1, "mode": "random",
-               "base_model": {"name": "tiny", "kind": "folder", "model_type": "llama"},
-               "pruned_neurons": {"0": [1, 5], "1": [7]},
-               "history": [{"stage": "prune", "mode": "random"}]}
-    save_model(model, tiny_tokenizer(), tmp_path / "m", extra_files={"lmprune.json": lineage})
+    randomly_pruned(tmp_path / "m", {0: [1, 5], 1: [7]})
     pairs = write_pairs(tmp_path / "p.tsv", random_pairs(30))
     code, out, err = _profs(capsys, "--model", str(tmp_path / "m"), "--pairs", str(pairs),
                             "--out", str(tmp_path / "o"), "--layers", "1", "--max-pairs", "20")
