@@ -3,15 +3,17 @@ text's first token in its mean (100 ParaDetox pairs, seed 0):
     LMPRUNE_DATA_DIR=../shared/data python docs/results/profs_first_token.py"""
 
 import torch
+
 from lmprune.data import load_pairs
 from lmprune.models import load_model
 from lmprune.profs import sentence_embeddings, toxic_subspace
+
 torch.set_num_threads(1)
 loaded = load_model("smollm2-135m", dtype="float32")
 pairs = load_pairs("paradetox").sample(100, 0)
 tok = loaded.tokenizer
 inv = torch.tensor([1 / len(tok(o).input_ids) - 1 / len(tok(c).input_ids)
-                    for o, c in zip(pairs.offensive, pairs.clean)])
+                    for o, c in zip(pairs.offensive, pairs.clean, strict=True)])
 for first in (True, False):
     off = sentence_embeddings(loaded.model, tok, pairs.offensive, [20], first_token=first)[0]
     cln = sentence_embeddings(loaded.model, tok, pairs.clean, [20], first_token=first)[0]
