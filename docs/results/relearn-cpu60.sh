@@ -22,3 +22,4 @@ run() {
 }
 run candidate-modules-1pct-held --model $R/candidate-modules-1pct/model
 run random-0-held --model $R/random-0/model
+run candidate-modules-1pct-released --model $R/candidate-modules-1pct/model --masks released
