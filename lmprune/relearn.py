@@ -92,14 +92,14 @@ def attack_corpus(config: RelearnConfig) -> Corpus:
 
 def judge_model(config: RelearnConfig):
     """The frozen fluency judge, loaded apart from the attacked model (None for 'none')."""
+    from lmprune.evaluate.fluency import judge_name
     from lmprune.models import load_model
 
     if config.fluency_judge == "none":
         return None
-    name = config.fluency_judge
-    if name == "base":
-        base = (read_lineage(config.model) or {}).get("base_model") or {}
-        name = base.get("name") or config.model
+    lineage = read_lineage(config.model) or {}
+    name = judge_name(config.fluency_judge,
+                      {"name": config.model, "base_model": lineage.get("base_model")})
     try:
         return load_model(name, dtype=config.dtype, device=config.device)
     except LmpruneError as err:
