@@ -8,7 +8,7 @@ DATA ?= $(abspath ../shared/data)
 # where pip finds torch; empty: the configured index (this project's machines hold the CPU wheel)
 TORCH_INDEX ?=
 
-.PHONY: install demo test lint
+.PHONY: install demo test test-fast lint
 
 install:
 	$(PYTHON) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
@@ -24,3 +24,7 @@ lint:
 
 test: install lint
 	LMPRUNE_DATA_DIR=$(DATA) $(PYTHON) -m pytest
+
+# the unit and tiny-model tiers, while working (no install, no lint): tests/conftest.py
+test-fast:
+	LMPRUNE_DATA_DIR=$(DATA) $(PYTHON) -m pytest -q -m "not slow and not integration"

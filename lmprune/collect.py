@@ -27,7 +27,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -50,7 +49,6 @@ FORMAT_VERSION = 1
 _GRAM_BLOCKS = 8  # block rows of the upper-triangle Gram update: (8 + 1) / 16 of a full product
 _GRAM_FLUSH_EVERY = 8  # batches of rows multiplied at once, summed in float32, then added to
 _GRAM_MAX_ROWS = 16384  # ... the float64 total (fewer batches where they hold more rows)
-_KILL_ENV = "LMPRUNE_TEST_KILL_AFTER_BATCHES"  # tests: SIGKILL this process after N batches
 
 
 @dataclass
@@ -717,8 +715,6 @@ class Collector:
                                                               _layer_gated(self.nmap))
         self.exact = [len(d) <= cfg.exact_pooled_cap for d in docs]
         self.out = Path(cfg.out)
-        self.kill_after = int(os.environ.get(_KILL_ENV, "0"))
-        self.batches_done = 0
 
     def _dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
@@ -791,11 +787,6 @@ class Collector:
                     self._forward(batch)
         span = (hi - lo).clamp(min=1e-6)
         return {**calibration, "hist_lo": lo - 0.25 * span, "hist_hi": hi + 0.25 * span}
-
-    def _tick(self) -> None:
-        self.batches_done += 1
-        if self.kill_after and self.batches_done >= self.kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def _rounds(self, schedule: list) -> int:
         return -(-len(schedule) // self.procs.world)
@@ -874,8 +865,6 @@ class Collector:
                             mm.flush()
                     ckpt.save(f"pass1.r{rnd + 1}", checkpoint_state(),
                               {"phase": "pass1", "round": rnd + 1})
-                if index < len(schedule):
-                    self._tick()
             hooks.check_fired()
         bar.close()
         for files in filter(None, pooled):
@@ -1018,8 +1007,6 @@ class Collector:
                     ckpt.save(f"pass2.r{rnd + 1}",
                               {"gram": gram.total, "sum": total, "tokens": count},
                               {"phase": "pass2", "round": rnd + 1})
-                if i < len(schedule):
-                    self._tick()
             hooks.check_fired()
         bar.close()
         gram.flush()

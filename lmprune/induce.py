@@ -53,6 +53,8 @@ from lmprune.training import (
 )
 
 MODULES_FILE = "modules.json"
+PROBE_FILE = "probe.json"
+PROBE_PLOT = "probe.png"
 ROUTES = ["example", "token"]
 CLEAN_REACHES = ["rest", "all"]
 
@@ -89,6 +91,14 @@ class InduceConfig:
                                       "(seeded); unlabelled ones are routed as clean.")
     score_docs: int = option(64, "Documents of each corpus (training documents) on which "
                              "ablating the module is measured: its scores in modules.json.")
+    probe_every: int = option(0, "Every N steps (and before the first and after the last), "
+                              "measure on held-out documents what ablating the designated "
+                              "neurons does, beside --probe-random random same-size sets: "
+                              "OUT/probe.json and probe.png (0: off).")
+    probe_docs: int = option(32, "With --probe-every: documents of each corpus held out of "
+                             "training for the probe (the last ones read).")
+    probe_random: int = option(4, "With --probe-every: random same-size sets (the designated "
+                               "per-layer counts, none of its neurons) measured beside it.")
     max_steps: int = option(200, "Optimizer steps.")
     lr: float = option(5e-5, "Peak learning rate (AdamW).")
     schedule: str = option("linear", "Learning-rate decay after warmup.",
@@ -371,7 +381,8 @@ def _check_config(config: InduceConfig) -> None:
         if not 0 <= getattr(config, name) <= 1:
             raise LmpruneError(f"--{name.replace('_', '-')} must be between 0 and 1")
     for name, least in (("batch_size", 1), ("seq_len", 2), ("max_steps", 1),
-                        ("toxic_tokens", 1), ("score_docs", 1)):
+                        ("toxic_tokens", 1), ("score_docs", 1), ("probe_every", 0),
+                        ("probe_docs", 1), ("probe_random", 2)):
         if getattr(config, name) < least:
             raise LmpruneError(f"--{name.replace('_', '-')} must be at least {least}")
 
@@ -380,7 +391,9 @@ def _fingerprint(config: InduceConfig, identity: dict, offensive_sha: str, clean
                  neurons: NeuronSet, nproc: int) -> dict:
     """What must be equal for a checkpoint to be resumed by this run (the input model by its
     weights, not its path)."""
-    ignored = ("out", "checkpoint_every", "device", "score_docs", "overwrite")
+    ignored = ("out", "checkpoint_every", "device", "score_docs", "overwrite", "probe_random")
+    if not config.probe_every:  # the held-out documents only leave training when probing
+        ignored += ("probe_every", "probe_docs")
     model = identity.get("weights_sha256") or identity.get("revision") or identity.get("name")
     return {**{k: v for k, v in asdict(config).items() if k not in ignored}, "model": model,
             "offensive_sha256": offensive_sha, "clean_sha256": clean_sha,
@@ -413,22 +426,35 @@ def induce(config: InduceConfig) -> Path:
 
     offensive = load_corpus(config.offensive, config.max_docs)
     clean = load_corpus(config.clean, config.max_docs)
-    data, labelling = RoutedData.build(tokenizer, offensive.texts, clean.texts, config)
+    trained, probe = split_held_out(offensive.texts, clean.texts, config)
+    data, labelling = RoutedData.build(tokenizer, *trained, config)
+    if probe is not None:
+        probe = HeldOutProbe(tokenizer, *probe, neurons, nmap.widths, config,
+                             str(accelerator.device))
 
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     scheduler = make_scheduler(optimizer, config.schedule, config.warmup_steps, config.max_steps)
     fingerprint = _fingerprint(config, loaded.identity, offensive.sha256, clean.sha256, neurons,
                                nproc)
     store = CheckpointStore(config.out)
-    step, resumed_from, last = 0, None, {}
+    step, resumed_from, last, curve = 0, None, {}, []
     if (state := store.resume(accelerator, model, optimizer, scheduler, fingerprint)):
         step = resumed_from = state["step"]
-        last = state["last_losses"]
+        last, curve = state["last_losses"], state.get("probe", [])
 
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     model.train()
     bar = tqdm(total=config.max_steps, initial=step, desc="induce", disable=not main)
+
+    def measure():
+        if probe is not None and main and (not curve or curve[-1]["step"] < step):
+            curve.append(probe.measure(unwrapped, step))
+            bar.write(describe_probe(curve[-1]))
+        accelerator.wait_for_everyone()
+
+    if step == 0:
+        measure()
     while step < config.max_steps:
         routed_pass, clean_pass = data.passes(step, rank, nproc, accelerator.device)
         last = routed_step(accelerator, model, optimizer, scheduler, designated,
@@ -436,10 +462,13 @@ def induce(config: InduceConfig) -> Path:
         step += 1
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()})
+        if config.probe_every and (step % config.probe_every == 0 or step == config.max_steps):
+            measure()
         if config.checkpoint_every and step % config.checkpoint_every == 0 \
                 and step < config.max_steps:
             store.save(step, accelerator, model, optimizer, scheduler,
-                       {"step": step, "fingerprint": fingerprint, "last_losses": last})
+                       {"step": step, "fingerprint": fingerprint, "last_losses": last,
+                        "probe": curve})
     bar.close()
 
     if main:
@@ -452,14 +481,106 @@ def induce(config: InduceConfig) -> Path:
                         "clean": {**clean.describe(), "tokens": int(data.clean.numel())}},
             "steps": config.max_steps, "last_losses": last, "num_processes": nproc,
             "resumed_from": resumed_from, "seconds": round(time.time() - started, 1)}
+        if curve:
+            record["probe"] = {"held_out_documents": config.probe_docs, "last": curve[-1]}
         meta = checkpoint_meta(loaded.identity, previous, neurons, nmap, record)
-        save_model(unwrapped, tokenizer, config.out, extra_files={LINEAGE_FILE: meta},
+        files = {LINEAGE_FILE: meta}
+        if curve:
+            files[PROBE_FILE] = {"format": "lmprune.induce_probe", "format_version": 1,
+                                 "held_out_documents": config.probe_docs,
+                                 "random_sets": config.probe_random, "curve": curve}
+        save_model(unwrapped, tokenizer, config.out, extra_files=files,
                    overwrite=config.overwrite)
+        if curve:
+            plot_probe(curve, Path(config.out) / PROBE_PLOT)
         # scored after saving: TokenBatches sets the tokenizer's padding side
         scores = score_module(unwrapped, tokenizer, neurons, offensive.texts, clean.texts, config)
         write_module_map(config.out, loaded.identity, nmap, neurons, scores, region)
     accelerator.wait_for_everyone()
     return Path(config.out)
+
+
+def split_held_out(offensive: list[str], clean: list[str], config: InduceConfig
+                   ) -> tuple[tuple[list[str], list[str]], tuple[list[str], list[str]] | None]:
+    """(training documents of both corpora, the probe's held-out ones or None): with
+    --probe-every the last --probe-docs documents of each corpus never reach training."""
+    if not config.probe_every:
+        return (offensive, clean), None
+    held = config.probe_docs
+    for name, texts in (("offensive", offensive), ("clean", clean)):
+        if len(texts) <= held:
+            raise LmpruneError(f"--{name} has {len(texts)} documents: the probe holds out "
+                               f"--probe-docs {held} and training needs the rest; lower "
+                               f"--probe-docs or give more documents")
+    return (offensive[:-held], clean[:-held]), (offensive[-held:], clean[-held:])
+
+
+PROBE_SCORES = ("loss_delta_offensive", "loss_delta_clean", "causal", "selectivity")
+
+
+class HeldOutProbe:
+    """What ablating the designated neurons does to the loss on documents that training never
+    saw, beside random same-size sets (the same sets at every measurement): whether routing is
+    building a module that carries the offensive text, or one no different from any neurons."""
+
+    def __init__(self, tokenizer, offensive: list[str], clean: list[str], neurons: NeuronSet,
+                 widths: list[int], config: InduceConfig, device: str):
+        from lmprune.locate.score import TokenBatches, random_control_sets
+
+        side = tokenizer.padding_side  # TokenBatches pads right; the saved tokenizer must not
+        self.batches = [TokenBatches.build(tokenizer, texts, config.seq_len, config.batch_size,
+                                           device) for texts in (offensive, clean)]
+        tokenizer.padding_side = side
+        self.neurons = neurons
+        self.controls = random_control_sets(neurons, widths, config.probe_random,
+                                            np.random.default_rng([config.seed, 1]))
+
+    def measure(self, model: nn.Module, step: int) -> dict:
+        from lmprune.locate.score import CausalScorer, control_summary
+
+        training = model.training
+        model.eval()
+        scorer = CausalScorer(model, *self.batches)
+        effects = [scorer.effect(zero) for zero in (self.neurons, *self.controls)]
+        model.train(training)
+        designated, *controls = [{k: e[k] for k in PROBE_SCORES} for e in effects]
+        return {"step": step, "designated": designated, "random": controls,
+                **control_summary(designated["causal"], [c["causal"] for c in controls])}
+
+
+def describe_probe(point: dict) -> str:
+    d = point["designated"]
+    return (f"step {point['step']}: ablating the designated neurons on held-out text: "
+            f"offensive loss {d['loss_delta_offensive']:+.3f}, clean {d['loss_delta_clean']:+.3f}"
+            f" (causal {d['causal']:+.3f}; random sets {point['control_mean']:+.3f} mean, "
+            f"above {point['control_percentile']:.0%} of them)")
+
+
+def plot_probe(curve: list[dict], path: Path) -> Path:
+    """Loss change from ablating the designated set (bold) and each random set (grey) on the
+    held-out offensive and clean documents, against routing steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lmprune.io import save_figure_atomic
+
+    steps = [p["step"] for p in curve]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, corpus in zip(axes, ("offensive", "clean"), strict=True):
+        key = f"loss_delta_{corpus}"
+        for r in range(len(curve[0]["random"])):
+            ax.plot(steps, [p["random"][r][key] for p in curve], color="0.6", lw=1,
+                    label="random same-size sets" if r == 0 else None)
+        ax.plot(steps, [p["designated"][key] for p in curve], color="C3", lw=2, marker="o",
+                markersize=3, label="designated neurons")
+        ax.axhline(0, color="0.3", lw=0.5)
+        ax.set_title(f"held-out {corpus} documents")
+        ax.set_xlabel("routing step")
+    axes[0].set_ylabel("loss change when ablated (nats/token)")
+    axes[0].legend()
+    return save_figure_atomic(fig, path)
 
 
 def score_module(model: nn.Module, tokenizer, neurons: NeuronSet, offensive: list[str],

@@ -1,3 +1,13 @@
+"""Test tiers (pyproject.toml's markers; `make test-fast` runs the first two):
+
+  unit         no model at all;
+  tiny         tiny random models from configs and planted ones, in this process;
+  slow         end to end: subprocesses, torchrun, SIGKILL, the whole planted comparison;
+  integration  the bundled models (SmolLM2-135M, all-MiniLM-L6-v2).
+
+A test that takes a fixture below gets that fixture's tier without saying so.
+"""
+
 import os
 from pathlib import Path
 
@@ -11,6 +21,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 os.environ.setdefault("LMPRUNE_DATA_DIR", str(SHARED_DATA))
+
+
+FIXTURE_TIERS = {"smollm2": "integration", "compared": "slow"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for fixture in FIXTURE_TIERS.keys() & set(item.fixturenames):
+            item.add_marker(FIXTURE_TIERS[fixture])
 
 
 @pytest.fixture(scope="session")

@@ -69,6 +69,7 @@ def test_usage_error_exits_2(capsys):
     assert exc.value.code == 2
 
 
+@pytest.mark.slow
 def test_console_script_entry_point(tmp_path):
     tiny_config("llama").save_pretrained(tmp_path / "cfg")
     proc = subprocess.run([sys.executable, "-m", "lmprune.cli", "info", str(tmp_path / "cfg")],

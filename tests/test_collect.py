@@ -306,10 +306,10 @@ def _argv(work, out, extra=()):
             *SMALL_RUN, *extra]
 
 
-def _subprocess(argv, env=None, launcher=(sys.executable, "-m")):
-    full_env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", **(env or {})}
-    return subprocess.run([*launcher, "lmprune.cli", *argv], capture_output=True, text=True,
-                          env=full_env, timeout=300)
+def _subprocess(argv, launcher=(sys.executable, "-m", "lmprune.cli")):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    return subprocess.run([*launcher, *argv], capture_output=True, text=True, env=env,
+                          timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -328,20 +328,27 @@ def _identical(a: dict, b: dict):
         np.testing.assert_array_equal(a[key], b[key])
 
 
-@pytest.mark.parametrize("kill_after", [7, 24])  # mid first pass (2 x 10 batches), global pass
-def test_resume_after_kill_gives_identical_statistics(work, tmp_path, uninterrupted, kill_after):
+# forward passes before the kill: the calibration pass, then 7 of the first pass's 2 x 10
+# batches; or all of them and 4 of the global pass
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after, phase", [(8, "pass1"), (25, "pass2")])
+def test_resume_after_kill_gives_identical_statistics(work, tmp_path, uninterrupted, kill_after,
+                                                      phase):
     out = tmp_path / "out"
-    died = _subprocess(_argv(work, out), env={"LMPRUNE_TEST_KILL_AFTER_BATCHES": str(kill_after)})
+    killed = (sys.executable, str(ROOT / "tests" / "killed_cli.py"), str(kill_after))
+    died = _subprocess(_argv(work, out), launcher=killed)
     assert died.returncode == -9, died.stderr
     assert not (out / "manifest.json").exists()
-    assert (out / ".checkpoint" / "checkpoint.json").exists()
+    assert json.loads((out / ".checkpoint" / "checkpoint.json").read_text())["phase"] == phase
     assert main(_argv(work, out)) == 0  # the same command again
     assert not (out / ".checkpoint").exists()
     _identical(_read(out), uninterrupted)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(work, tmp_path, uninterrupted):
-    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m")
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                "lmprune.cli")
     two = _subprocess(_argv(work, tmp_path / "two"), launcher=torchrun)
     assert two.returncode == 0, two.stderr
     got = _read(tmp_path / "two")

@@ -119,12 +119,14 @@ def test_normalise_removes_what_tells_paradetox_columns_apart():
 
 # --- the embedder ------------------------------------------------------------------------------
 
+@pytest.mark.integration
 @needs_package
 def test_modules_json_asks_for_mean_pooling_and_normalisation():
     folder = learned.bundled_embedder_folder()
     assert learned.read_pooling(folder) == ("mean", True)
 
 
+@pytest.mark.integration
 @needs_package
 def test_embeddings_are_masked_mean_pooling_l2_normalised():
     """Two texts of different lengths embedded in one padded batch equal each text's own
@@ -150,6 +152,7 @@ def test_embeddings_are_masked_mean_pooling_l2_normalised():
 
 # --- the trained scorer ------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_small_head_scores_and_says_what_it_is(small, cache):
     scores = small.score(TEXTS)
     assert len(scores) == len(TEXTS) and all(0.0 <= s <= 1.0 for s in scores)
@@ -169,6 +172,7 @@ def test_small_head_scores_and_says_what_it_is(small, cache):
     assert len(record["head"]["coef"]) == 384 and record["metrics"] == info["held_out"]
 
 
+@pytest.mark.integration
 def test_sees_implicit_hate_that_profanity_check_misses(small):
     """Held-out ToxiGen statements (implicit hate, few swear words): even the small head ranks
     them far better than profanity_check does on the same statements."""
@@ -177,6 +181,7 @@ def test_sees_implicit_hate_that_profanity_check_misses(small):
     assert ours["toxigen"] > theirs["toxigen"] + 0.1
 
 
+@pytest.mark.integration
 def test_second_load_reads_the_cache(small, no_training):
     again = load_scorer(f"minilm?max_pairs={SMALL}")
     assert again.loaded and not small.loaded
@@ -187,6 +192,7 @@ def test_second_load_reads_the_cache(small, no_training):
     assert other.score(TEXTS) == pytest.approx(small.score(TEXTS), abs=1e-6)
 
 
+@pytest.mark.integration
 def test_damaged_cache_is_trained_again(small, monkeypatch):
     path = small.cache_path
     saved = path.read_text()
@@ -199,6 +205,7 @@ def test_damaged_cache_is_trained_again(small, monkeypatch):
         path.write_text(saved)
 
 
+@pytest.mark.integration
 def test_card_metrics_command(small, capsys, no_training):
     assert learned.main(["--max-pairs", str(SMALL)]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -207,6 +214,7 @@ def test_card_metrics_command(small, capsys, no_training):
     assert out["cache"]["loaded"] is True
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_default_head_held_out_auc(full):
     """The default head (all pairs). Measured: overall 0.949, ToxiGen 0.967, ParaDetox 0.938;
@@ -220,6 +228,7 @@ def test_default_head_held_out_auc(full):
 
 # --- bad input ---------------------------------------------------------------------------------
 
+@pytest.mark.integration
 @needs_package
 def test_bad_training_data_is_said_before_any_training(tmp_path, no_training, cache):
     with pytest.raises(LmpruneError, match=r"training file not found: .*missing\.tsv.*toxigen="):

@@ -132,6 +132,7 @@ def test_masks_hold_exactly_and_the_rest_trains(setup, tmp_path):
     assert not (out / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_masks_hold_with_two_processes(setup, tmp_path):
     out = tmp_path / "out2"
     cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "lmprune.cli",
@@ -145,6 +146,7 @@ def test_masks_hold_with_two_processes(setup, tmp_path):
     assert history[-1]["num_processes"] == 2
 
 
+@pytest.mark.slow
 def test_two_processes_and_accumulation_take_the_same_steps_as_one_batch(setup, tmp_path):
     """Batch 4 in one process, 2 x 2 accumulated, and 2 processes x 2 see the same blocks per
     step and average the same gradients: the weights agree (LLaMA: no dropout to differ)."""
@@ -221,6 +223,7 @@ finetune(FinetuneConfig(model=model, data=data, out=out, batch_size=4, seq_len=3
 """
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(setup, tmp_path, capsys):
     script = tmp_path / "train.py"
     script.write_text(_RESUME_SCRIPT)

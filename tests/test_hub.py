@@ -58,6 +58,7 @@ def _assert_token_kept(result, state: HubState, token: str):
     assert all(auth is None for _, path, auth in state.requests if path.startswith("/lfs-upload/"))
 
 
+@pytest.mark.slow
 def test_push_uploads_every_file_and_writes_the_card(checkpoint, tmp_path, token):
     """The default path (hf_xet installed: pipelined upload) into a repository that exists
     already (create answers 409); the server takes every file as a regular git blob, so the bytes
@@ -81,6 +82,7 @@ def test_push_uploads_every_file_and_writes_the_card(checkpoint, tmp_path, token
     _assert_token_kept(result, state, token)
 
 
+@pytest.mark.slow
 def test_push_lfs_private_branch_and_existing_card(checkpoint, tmp_path, token):
     """Without xet the weights go through the LFS batch API and a PUT; an existing README.md is
     uploaded as it is; --private and --revision reach the server."""
@@ -110,6 +112,7 @@ def _closed_port_url() -> str:
         return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, message", [
     ("no token", "no Hugging Face token: set HF_TOKEN"),
     ("refused token", "the Hub refused the token (401"),

@@ -221,7 +221,8 @@ def induced(tmp_path_factory):
                  "--clean", str(root / "clean.txt"), "--out", str(root / "out"),
                  "--neurons-per-layer", "8", "--max-steps", "150", "--lr", "3e-3",
                  "--warmup-steps", "5", "--batch-size", "8", "--seq-len", "32",
-                 "--score-docs", "16", "--device", "cpu"])
+                 "--score-docs", "16", "--probe-every", "50", "--probe-docs", "32",
+                 "--probe-random", "4", "--device", "cpu"])
     torch.set_num_threads(threads)
     assert code == 0
     return root
@@ -252,6 +253,35 @@ def test_ablating_the_induced_module_removes_the_offensive_text(induced):
     (module,) = mmap["modules"]
     assert module["id"] == 0 and module["size"] == 16
     assert module["scores"]["causal"] > 0  # measured on training documents
+
+
+def test_the_probe_measures_held_out_documents_as_routing_proceeds(induced):
+    """probe.json: before routing, every 50 steps and at the end; its last point is what
+    ablating the designated set and the random sets does to the saved model's loss on the last
+    32 documents of each file (held out of training)."""
+    out = induced / "out"
+    probe = json.loads((out / "probe.json").read_text())
+    curve = probe["curve"]
+    assert [p["step"] for p in curve] == [0, 50, 100, 150]
+    assert probe["held_out_documents"] == 32 and all(len(p["random"]) == 4 for p in curve)
+    meta = json.loads((out / "lmprune.json").read_text())
+    assert meta["induce"]["probe"]["last"] == curve[-1]
+    assert (out / "probe.png").stat().st_size > 0
+
+    loaded = load_model(str(out))
+    held_out = [(induced / name).read_text().splitlines()[-32:] for name in ("off.txt",
+                                                                            "clean.txt")]
+    scorer = CausalScorer(loaded.model, *(TokenBatches.build(loaded.tokenizer, texts, 32, 8,
+                                                             "cpu") for texts in held_out))
+    designated = {int(k): v for k, v in meta["designated_neurons"].items()}
+    want = scorer.effect(designated)
+    for key, value in curve[-1]["designated"].items():
+        assert value == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+    # routing built the module: on unseen text it now carries the offensive loss, unlike the
+    # random sets (it did not before)
+    assert curve[0]["control_percentile"] < 1.0 or curve[0]["designated"]["causal"] < 0.05
+    assert curve[-1]["control_percentile"] == 1.0
+    assert curve[-1]["designated"]["causal"] > 10 * max(curve[0]["designated"]["causal"], 0.01)
 
 
 def test_prune_commands_take_the_induced_module_and_a_random_control(induced, tmp_path):
@@ -305,6 +335,8 @@ def test_bad_input_is_refused(induced, tmp_path):
          "module 7 is not in"),
         (dict(module="modules.json"), "PATH/modules.json:ID"),
         (dict(neurons_per_layer=4, labelled_fraction=1.5), "between 0 and 1"),
+        (dict(neurons_per_layer=4, probe_every=5, probe_docs=200), "holds out --probe-docs 200"),
+        (dict(neurons_per_layer=4, probe_every=5, probe_random=1), "--probe-random must be at"),
     ]
     for overrides, message in cases:
         with pytest.raises(LmpruneError, match=message):
@@ -316,7 +348,8 @@ def test_bad_input_is_refused(induced, tmp_path):
 
 _RESUME = dict(neurons_per_layer=6, max_steps=200, checkpoint_every=20, batch_size=4,
                seq_len=32, lr=3e-3, weight_decay=0.1, warmup_steps=3, offensive_fraction=0.5,
-               labelled_fraction=0.5, max_docs=80, device="cpu")
+               labelled_fraction=0.5, max_docs=80, probe_every=30, probe_docs=16,
+               probe_random=2, device="cpu")
 _RESUME_SCRIPT = f"""
 import sys
 from lmprune.induce import InduceConfig, induce
@@ -326,6 +359,7 @@ induce(InduceConfig(model=model, offensive=offensive, clean=clean, out=out, **{_
 """
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(induced, tmp_path, capsys):
     """A tiny GPT-2 (dropout: the RNG state matters) killed with SIGKILL between checkpoints."""
     save_tiny("gpt2", tmp_path / "base")
@@ -356,6 +390,9 @@ def test_killed_run_resumes_to_the_same_weights(induced, tmp_path, capsys):
     assert want.keys() == got.keys()
     for name in want:
         assert torch.equal(got[name], want[name]), f"{name} differs after resuming"
+    # the probe's curve survives the kill: the points before it come from the checkpoint
+    assert json.loads((tmp_path / "run" / "probe.json").read_text()) == \
+        json.loads((reference / "probe.json").read_text())
     meta = json.loads((tmp_path / "run" / "lmprune.json").read_text())
     assert meta["induce"]["resumed_from"] is not None and meta["induce"]["resumed_from"] >= 20
     assert not (tmp_path / "run" / "checkpoints").exists()

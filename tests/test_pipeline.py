@@ -219,8 +219,9 @@ def _env(**extra):
             "OMP_NUM_THREADS": "1", **extra}
 
 
+@pytest.mark.slow
 def test_killed_run_completes_when_run_again(inputs, tmp_path, finished):
-    """SIGKILL inside collect (its test hook), then during fine-tuning; each rerun goes on, and
+    """SIGKILL inside collect (tests/killed_cli.py), then during fine-tuning; each rerun goes on, and
     the resumed statistics are those of the run that was never interrupted."""
     out = tmp_path / "run"
     values = recipe_values(inputs, out)
@@ -229,8 +230,8 @@ def test_killed_run_completes_when_run_again(inputs, tmp_path, finished):
     values["control"]["seeds"] = []
     recipe = write_recipe(tmp_path / "recipe.yaml", values)
     command = [sys.executable, "-m", "lmprune.cli", "run", str(recipe)]
-    died = subprocess.run(command, env=_env(LMPRUNE_TEST_KILL_AFTER_BATCHES="3"),
-                          capture_output=True, text=True, timeout=240)
+    killed = [sys.executable, str(ROOT / "tests" / "killed_cli.py"), "4", *command[3:]]
+    died = subprocess.run(killed, env=_env(), capture_output=True, text=True, timeout=240)
     assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
     assert (out / "stats" / ".checkpoint").is_dir()
     assert not (out / "stats" / "manifest.json").exists()

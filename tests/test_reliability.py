@@ -413,6 +413,7 @@ def _env() -> dict:
             "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 def test_two_runs_on_one_folder(tmp_path):
     """Two `lmprune run` started together on one folder: the one that takes the folder's lock
     runs every stage; the other gets one line naming its pid (exit 2) and runs none."""
