@@ -358,7 +358,7 @@ def build_evaluator(config: FinetuneConfig, extra_scorers: list[str] = (),
         return None
     from lmprune.evaluate.fluency import judge_fluency
     from lmprune.evaluate.perplexity import perplexity
-    from lmprune.evaluate.scorers import load_scorer
+    from lmprune.evaluate.registry import load_scorer
     from lmprune.evaluate.toxicity import evaluate_toxicity
     from lmprune.models import resolve_device
 

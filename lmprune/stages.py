@@ -165,7 +165,7 @@ def check_stages(stages: list[Stage]) -> None:
     every scorer and fluency judge they name, loaded once."""
     from lmprune.evaluate import command as evaluate
     from lmprune.evaluate.fluency import BASE_JUDGE
-    from lmprune.evaluate.scorers import load_scorer
+    from lmprune.evaluate.registry import load_scorer
     from lmprune.finetune import check_finetune_config
     from lmprune.models import load_config, resolve_device
 

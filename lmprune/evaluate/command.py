@@ -190,7 +190,7 @@ def evaluate(config: EvalConfig) -> dict:
     device = str(next(loaded.model.parameters()).device)
     scorer, extra_scorers, judge = None, {}, None
     if do_toxicity:
-        from lmprune.evaluate.scorers import load_scorer
+        from lmprune.evaluate.registry import load_scorer
 
         extra = {"batch_size": config.scorer_batch_size} if config.scorer_batch_size else {}
         scorer = load_scorer(config.scorer, device=device, **extra)
