@@ -221,8 +221,8 @@ def _env(**extra):
 
 @pytest.mark.slow
 def test_killed_run_completes_when_run_again(inputs, tmp_path, finished):
-    """SIGKILL inside collect (tests/killed_cli.py), then during fine-tuning; each rerun goes on, and
-    the resumed statistics are those of the run that was never interrupted."""
+    """SIGKILL inside collect (tests/killed_cli.py), then during fine-tuning; each rerun goes on,
+    and the resumed statistics are those of the run that was never interrupted."""
     out = tmp_path / "run"
     values = recipe_values(inputs, out)
     values["finetune"]["max_steps"] = 40
