@@ -21,7 +21,7 @@ from torch import nn
 
 from lmprune.config import option, register_stage
 from lmprune.data import Corpus, load_corpus
-from lmprune.errors import ConfigError, LmpruneError
+from lmprune.errors import ConfigError, LmpruneError, warn
 from lmprune.io import check_out_dir, save_figure_atomic, write_json_atomic
 from lmprune.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
 from lmprune.lock import folder_lock
@@ -310,7 +310,7 @@ def _measure_base(config: FinetuneConfig, meta: dict | None, evaluate: Evaluator
     try:
         base = load_model(name, dtype=config.dtype, device=str(device))
     except LmpruneError as err:
-        print(f"lmprune: warning: base model '{name}' not measured ({err}); pass --base-model")
+        warn(f"base model '{name}' not measured ({err}); pass --base-model")
         return None
     metrics = _measure(evaluate, base.model, base.tokenizer, 0)
     del base

@@ -8,7 +8,6 @@ so that fine-tuning and every later stage hold them.
 from __future__ import annotations
 
 import math
-import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from torch import nn
 from lmprune import __version__
 from lmprune.arch import NeuronMap
 from lmprune.config import option, register_stage
-from lmprune.errors import LmpruneError
+from lmprune.errors import LmpruneError, warn
 from lmprune.io import check_out_dir, load_tensors, read_json
 from lmprune.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
 from lmprune.masks import NeuronSet, PruneMask, count_neurons, neurons_to_json, normalize_neurons
@@ -170,8 +169,8 @@ def select_modules(ranked: list[dict], selection: Selection, total_neurons: int,
         trace.append({"id": module["id"], "gap": gap})
         if gap >= selection.value:
             return chosen, {"target": selection.value, "reached": True, "trace": trace}
-    print(f"lmprune: warning: target gap {selection.value} not reached with all "
-          f"{len(ranked)} modules (last gap {trace[-1]['gap']:.4f})", file=sys.stderr)
+    warn(f"target gap {selection.value} not reached with all {len(ranked)} modules (last gap "
+         f"{trace[-1]['gap']:.4f})")
     return chosen, {"target": selection.value, "reached": False, "trace": trace}
 
 
