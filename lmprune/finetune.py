@@ -48,7 +48,8 @@ class FinetuneConfig:
 
     model: str | None = option(None, "Checkpoint folder to fine-tune (its lmprune.json masks "
                                "are held at zero), or any model (required).")
-    data: str | None = option(None, "Training corpus spec, e.g. wikitext2:valid (required).")
+    data: str | None = option(None, "Training corpus spec, e.g. wikitext2:valid (required).",
+                              corpus=True)
     out: str | None = option(None, "Output checkpoint folder (required); checkpoints go to "
                              "OUT/checkpoints until the run ends.")
     max_docs: int | None = option(None, "Read at most this many documents of --data.")
@@ -69,13 +70,14 @@ class FinetuneConfig:
     mixed_precision: str = option("no", "Autocast precision.", choices=["no", "bf16", "fp16"])
     checkpoint_every: int = option(0, "Save a resumable checkpoint every N steps (0: never).")
     eval_every: int = option(0, "Measure toxicity and perplexity every N steps (0: never).")
-    eval_prompts: str = option("rtp:challenging", "Prompts for the toxicity measurement.")
+    eval_prompts: str = option("rtp:challenging", "Prompts for the toxicity measurement.",
+                               corpus=True)
     eval_limit: int = option(20, "Prompts used per measurement.")
     eval_samples: int = option(5, "Continuations sampled per prompt.")
     eval_max_new_tokens: int = option(20, "New tokens per continuation.")
     scorer: str = option("profanity_check", "Toxicity scorer (profanity_check, detoxify, or a "
                          "Hugging Face classifier).")
-    ppl_data: str = option("wikitext2:test", "Text for the perplexity measurement.")
+    ppl_data: str = option("wikitext2:test", "Text for the perplexity measurement.", corpus=True)
     ppl_max_tokens: int = option(4096, "Tokens of --ppl-data used per measurement.")
     ppl_max_length: int = option(512, "Sliding-window length of the perplexity measurement.")
     ppl_stride: int = option(256, "Sliding-window stride of the perplexity measurement.")

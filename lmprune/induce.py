@@ -66,8 +66,9 @@ class InduceConfig:
     model: str | None = option(None, "Model to train: Hub id, folder, .gguf file or bundled "
                                "alias (required).")
     offensive: str | None = option(None, "Offensive corpus spec, e.g. paradetox:toxic "
-                                   "(required).")
-    clean: str | None = option(None, "Clean corpus spec, e.g. paradetox:neutral (required).")
+                                   "(required).", corpus=True)
+    clean: str | None = option(None, "Clean corpus spec, e.g. paradetox:neutral (required).",
+                               corpus=True)
     out: str | None = option(None, "Output checkpoint folder (required): weights, lmprune.json "
                              "and modules.json; checkpoints go to OUT/checkpoints until the end.")
     max_docs: int | None = option(None, "Read at most this many documents of each corpus.")

@@ -345,8 +345,9 @@ class PruneConfig:
     seed: int = option(0, "Seed of the random control.")
     strength: float = option(1.0, "dampen mode: AURA's strength alpha, factor 1 - alpha x "
                              "2(AUROC - 0.5) (1: as published; 0 to 2: a frontier sweep).")
-    offensive: str | None = option(None, "target:X: held-out offensive texts (corpus spec).")
-    clean: str | None = option(None, "target:X: held-out clean texts (corpus spec).")
+    offensive: str | None = option(None, "target:X: held-out offensive texts (corpus spec).",
+                                   corpus=True)
+    clean: str | None = option(None, "target:X: held-out clean texts (corpus spec).", corpus=True)
     target_docs: int = option(64, "target:X: documents read from each held-out corpus.")
     batch_size: int = option(8, "target:X: batch size of the loss evaluation.")
     max_length: int = option(128, "target:X: tokens per text in the loss evaluation.")

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from lmprune.collect import CollectConfig
-from lmprune.config import build_config, load_yaml, option
+from lmprune.config import build_config, corpus_fields, load_yaml, option
 from lmprune.errors import LmpruneError
 from lmprune.evaluate.command import EvalConfig
 from lmprune.finetune import FinetuneConfig
@@ -71,7 +71,7 @@ class TransferConfig:
     prompts: list[str] = option([], "Prompt corpora the final model, the base treated the same "
                                 "way and the first random control treated the same way are also "
                                 "evaluated on (toxicity and generation fluency, the `eval:` "
-                                "protocol otherwise), e.g. rtp:nontoxic.")
+                                "protocol otherwise), e.g. rtp:nontoxic.", corpus=True)
     limit: int | None = option(100, "Prompts of each set used (the first N).")
 
 
@@ -87,15 +87,6 @@ WIRED: dict[str, set[str]] = {
     "prune": {"model", "out", "modules", "like", "seed"},
     "eval": {"model", "json"},
     "finetune": {"model", "out", "base_model"},
-}
-# Corpus specs a recipe names, checked before any work starts.
-CORPUS_KEYS: dict[str, list[str]] = {
-    "collect": ["offensive", "clean"],
-    "locate": ["general"],
-    "prune": ["offensive", "clean"],
-    "eval": ["prompts", "ppl_data"],
-    "finetune": ["data", "eval_prompts", "ppl_data"],
-    "transfer": ["prompts"],
 }
 
 
@@ -224,11 +215,11 @@ def check_inputs(recipe: Recipe) -> None:
         load_config(recipe.run.model, recipe.collect.revision, recipe.collect.trust_remote_code)
     except LmpruneError as err:
         raise LmpruneError(f"model: {err}") from None
-    for section, keys in CORPUS_KEYS.items():
+    for section in SECTIONS:
         config = getattr(recipe, section, None)  # a comparison has no prune section
         if config is None:
             continue
-        for key in keys:
+        for key in corpus_fields(type(config)):
             specs = getattr(config, key)
             for spec in specs if isinstance(specs, list) else [specs]:
                 if spec and spec.lower() != SKIP:

@@ -19,8 +19,9 @@ class CollectConfig:
     """Settings of `lmprune collect`."""
 
     model: str = option("smollm2-135m", "Hub id, local folder, .gguf file or bundled alias.")
-    offensive: str = option("paradetox:toxic", "Corpus spec of offensive text (see lmprune.data).")
-    clean: str = option("paradetox:neutral", "Corpus spec of clean text.")
+    offensive: str = option("paradetox:toxic", "Corpus spec of offensive text (see lmprune.data).",
+                            corpus=True)
+    clean: str = option("paradetox:neutral", "Corpus spec of clean text.", corpus=True)
     out: str = option("runs/stats", "Output folder (manifest.json, stats/coact safetensors).")
     max_docs: int | None = option(None, "Use at most this many documents of each corpus.")
     max_tokens: int | None = option(None, "Use the first documents of each corpus up to this "

@@ -79,7 +79,7 @@ class LocateConfig:
                           "usual fine-tuning corpus): the loss change on its last "
                           "--general-docs documents is the general damage of a module; 'none' "
                           "to score without it. `lmprune run` sets the fine-tuning corpus and "
-                          "keeps these documents out of fine-tuning.")
+                          "keeps these documents out of fine-tuning.", corpus=True)
     general_docs: int = option(64, "Documents of --general scored (its last ones).")
     general_weight: float = option(1.0, "Rule: guarded = offensive effect - this x general "
                                    "damage (nats per token each); modules are screened, "
