@@ -7,7 +7,7 @@
 # relearning attack of docs/results/relearn-cpu60.sh (last 64 ParaDetox toxic documents, 64 steps
 # at lr 1e-4, measured every 16 steps on 20 prompts x 5). The induced model comes from
 # `lmprune induce` in runs/induce-scale/example (README "Induce, then remove").
-# Then: python docs/results/methods_table.py
+# Usage: bash docs/results/methods-cpu.sh [ROW ...]; then: python docs/results/methods_table.py
 cd "$(dirname "$0")/../.."
 export LMPRUNE_DATA_DIR=${LMPRUNE_DATA_DIR:-../shared/data}
 O=runs/methods-cpu
@@ -31,14 +31,30 @@ row() {  # NAME: made (by the caller), evaluated, attacked
     attack $1 $O/$1/model
 }
 I=runs/induce-scale/example
-timed induced prune lmprune prune --model $I --mode modules --modules $I/modules.json \
-    --select ids:0 --out $O/induced/model
-row induced
-timed induced-random-0 prune lmprune prune --model $I --mode random --like $I/modules.json \
-    --select ids:0 --seed 0 --out $O/induced-random-0/model
-evaluate induced-random-0
-timed profs make lmprune profs --model smollm2-135m --pairs paradetox --out $O/profs/model
-row profs
-timed dpo make lmprune dpo --model smollm2-135m --pairs paradetox --out $O/dpo/model
-row dpo
-attack aura runs/frontier-cpu60/rows/aura/model
+make_induced() {
+    timed induced prune lmprune prune --model $I --mode modules --modules $I/modules.json \
+        --select ids:0 --out $O/induced/model
+    row induced
+    timed induced-random-0 prune lmprune prune --model $I --mode random \
+        --like $I/modules.json --select ids:0 --seed 0 --out $O/induced-random-0/model
+    evaluate induced-random-0
+}
+make_profs() {
+    timed profs make lmprune profs --model smollm2-135m --pairs paradetox --out $O/profs/model
+    row profs
+}
+make_dpo() {
+    timed dpo make lmprune dpo --model smollm2-135m --pairs paradetox --out $O/dpo/model
+    row dpo
+}
+make_act() {
+    timed act make lmprune act --model smollm2-135m --out $O/act/model
+    row act
+}
+make_aura() {
+    attack aura runs/frontier-cpu60/rows/aura/model
+}
+# the rows to make: all of them by default, or the ones named (induced profs dpo act aura)
+for name in ${@:-induced profs dpo act aura}; do
+    make_$name
+done
