@@ -395,16 +395,17 @@ def _summary(w: torch.Tensor, b: torch.Tensor, constant: torch.Tensor) -> dict:
 # The stage
 
 
-def read_corpora(config: ActConfig) -> tuple[Corpus, Corpus]:
-    """The first `max_docs` documents of each corpus, the longer one cut to the shorter's count."""
+def read_corpora(config: ActConfig, warn: bool = True) -> tuple[Corpus, Corpus]:
+    """The first `max_docs` documents of each corpus, the longer one cut to the shorter's count
+    (`warn`: saying so on stderr, and when a corpus has fewer than `max_docs`)."""
     offensive = load_corpus(config.offensive, limit=config.max_docs)
     clean = load_corpus(config.clean, limit=config.max_docs)
     n = min(len(offensive.texts), len(clean.texts))
-    for corpus in (offensive, clean):
+    for corpus in (offensive, clean) if warn else ():
         if len(corpus.texts) < config.max_docs:
             print(f"lmprune: warning: --max-docs {config.max_docs}, but '{corpus.spec}' has "
                   f"{len(corpus.texts)} documents", file=sys.stderr)
-    if len(offensive.texts) != len(clean.texts):
+    if warn and len(offensive.texts) != len(clean.texts):
         print(f"lmprune: warning: using {n} documents of each corpus (sorting pairs equal-size "
               f"samples)", file=sys.stderr)
     return (Corpus(offensive.spec, offensive.resolved, offensive.texts[:n]),
