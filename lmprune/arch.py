@@ -7,7 +7,7 @@ hooks read and the projections around it are what pruning edits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -32,6 +32,12 @@ class MLPLayout:
     """Phi-3's `gate_up_proj` is [2 * d_mlp, d_model]: neuron j owns rows j and d_mlp + j."""
     width_key: str = "intermediate_size"
     """Config key of the MLP width (read from `text_config` when the config has one)."""
+    output_bias: bool = False
+    """The output projection has a bias of its own (a config may still turn it off: OPT's
+    `enable_bias: false`). An edit that folds a shift into it (lmprune act) needs one."""
+    bias_key: str | None = None
+    """Config flag that gives the MLP's projections biases and changes nothing else (LLaMA's
+    `mlp_bias`): how such an edit gets an output bias where there is none of its own."""
 
 
 _GATED = MLPLayout(
@@ -41,16 +47,22 @@ _GATED = MLPLayout(
     output="down_proj",
 )
 
+# LLaMA-style gated MLPs whose config can add biases to the three projections (and nothing else)
+_GATED_BIAS_KEY = replace(_GATED, bias_key="mlp_bias")
+
 ARCHITECTURES: dict[str, MLPLayout] = {
     "gpt2": MLPLayout(("transformer.h",), "mlp", ("c_fc",), "c_proj", conv1d=True,
-                      width_key="n_inner"),
-    "gptj": MLPLayout(("transformer.h",), "mlp", ("fc_in",), "fc_out", width_key="n_inner"),
-    "gpt_neox": MLPLayout(("gpt_neox.layers",), "mlp", ("dense_h_to_4h",), "dense_4h_to_h"),
-    "opt": MLPLayout(("model.decoder.layers",), "", ("fc1",), "fc2", width_key="ffn_dim"),
-    "phi": MLPLayout(("model.layers",), "mlp", ("fc1",), "fc2"),
+                      width_key="n_inner", output_bias=True),
+    "gptj": MLPLayout(("transformer.h",), "mlp", ("fc_in",), "fc_out", width_key="n_inner",
+                      output_bias=True),
+    "gpt_neox": MLPLayout(("gpt_neox.layers",), "mlp", ("dense_h_to_4h",), "dense_4h_to_h",
+                          output_bias=True),
+    "opt": MLPLayout(("model.decoder.layers",), "", ("fc1",), "fc2", width_key="ffn_dim",
+                     output_bias=True),
+    "phi": MLPLayout(("model.layers",), "mlp", ("fc1",), "fc2", output_bias=True),
     "phi3": MLPLayout(("model.layers",), "mlp", ("gate_up_proj",), "down_proj",
                       fused_gate_up=True),
-    "llama": _GATED,
+    "llama": _GATED_BIAS_KEY,
     "mistral": _GATED,
     "qwen2": _GATED,
     "qwen3": _GATED,
@@ -60,7 +72,7 @@ ARCHITECTURES: dict[str, MLPLayout] = {
     "gemma3_text": _GATED,
     "olmo": _GATED,
     "olmo2": _GATED,
-    "granite": _GATED,
+    "granite": _GATED_BIAS_KEY,
 }
 
 

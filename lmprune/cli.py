@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _stage_registrars():
     from lmprune import (
+        act,
         collect,
         compare,
         dpo,
@@ -99,8 +100,8 @@ def _stage_registrars():
     from lmprune.locate import run as locate
 
     return [collect.register, locate.register, prune.register, evaluate.register,
-            finetune.register, induce.register, relearn.register, profs.register, dpo.register,
-            pipeline.register, compare.register, hub.register]
+            finetune.register, induce.register, relearn.register, profs.register, act.register,
+            dpo.register, pipeline.register, compare.register, hub.register]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,9 @@ Rows:
   profs           (with `compare.profs`) ProFS: a rank-k toxic subspace of paired embeddings
                   (ParaDetox) projected out of the upper layers' MLP output weights; nothing
                   zeroed (lmprune/profs.py)
+  act             (with `compare.act`) Linear-AcT: each MLP neuron's pooled activations on
+                  offensive text transported onto those on clean text by an affine map, folded
+                  into the output projections; nothing zeroed (lmprune/act.py)
   dpo             (with `compare.dpo`) DPO as Lee et al. 2024 use it: trained to prefer each
                   clean ParaDetox paraphrase over its toxic original, against a frozen copy of
                   the model; nothing zeroed (lmprune/dpo.py)
@@ -21,9 +24,9 @@ Rows:
   frontier-*      the toxicity-fluency frontier (`compare.frontier_budgets`,
                   `compare.aura_strengths`): the headline's settings at other module budgets,
                   a random same-size set at each, AURA at other strengths alpha
-With a `relearn:` section, chosen rows (default: base, the headline, AURA, ProFS, DPO, the first
-random control, induced) also face the relearning attack (lmprune/relearn.py) for each `docs` count
-and `masks` setting, from their pruned model, after everything else.
+With a `relearn:` section, chosen rows (default: base, the headline, AURA, ProFS, Linear-AcT,
+DPO, the first random control, induced) also face the relearning attack (lmprune/relearn.py) for
+each `docs` count and `masks` setting, from their pruned model, after everything else.
 Every row is measured against its like: a pruned row against the base, a fine-tuned row against
 the base fine-tuned with the same settings (the targets use these pairs).
 Stages are cached with the markers of `lmprune run`: an interrupted comparison resumes where it
@@ -39,6 +42,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmprune.act import ActConfig
 from lmprune.collect import CollectConfig
 from lmprune.config import build_config, option
 from lmprune.dpo import DpoConfig
@@ -83,6 +87,16 @@ class CompareConfig:
     profs_rank: int = option(2, "Dimensions of ProFS's toxic subspace (the paper: 2 on GPT-2).")
     profs_layers: str = option("upper", "Layers ProFS edits: upper (the upper half), all, 3,4,5 "
                                "or 10-20.")
+    act: bool = option(False, "Add Linear-AcT: each MLP neuron's activations transported from "
+                       "offensive to clean text by an affine map folded into the weights "
+                       "(lmprune act).")
+    act_offensive: str | None = option(None, "Linear-AcT's source corpus (default: "
+                                       "collect.offensive; lmprune act --offensive).")
+    act_clean: str | None = option(None, "Linear-AcT's target corpus (default: collect.clean).")
+    act_max_docs: int = option(512, "Documents of each corpus Linear-AcT fits on.")
+    act_strength: float = option(1.0, "Linear-AcT's strength lambda in [0, 1] (the paper's "
+                                 "default: 1).")
+    act_layers: str = option("all", "Layers Linear-AcT transports: all, 3,4,5 or 10-20.")
     dpo: bool = option(False, "Add DPO: trained to prefer clean paraphrases over their toxic "
                        "originals (lmprune dpo).")
     dpo_pairs: str = option("paradetox", "DPO's paired texts (rejected: the offensive text, "
@@ -231,8 +245,9 @@ def parse_compare(values: dict, name: str) -> CompareRecipe:
     if bad:
         raise LmpruneError(f"compare.aura_strengths: {bad[0]} is not in (0, 2]")
     _check_profs_settings(compare)
+    _check_act_settings(compare)
     _check_dpo_settings(compare)
-    reserved = {"base", "aura", "top-auroc", "profs", "dpo", "induced"}
+    reserved = {"base", "aura", "top-auroc", "profs", "act", "dpo", "induced"}
     clash = [n for n in names if n in reserved or n.startswith(("random-", "frontier-"))]
     if clash:
         raise LmpruneError(f"modules.{clash[0]}: that row name is taken by a control; rename it")
@@ -276,7 +291,7 @@ def _check_relearn(given: dict, run: RunConfig, recipe: CompareRecipe) -> Relear
     return RelearnSection(rows, docs, masks, config)
 
 
-UNMASKED = {"base", "aura", "profs", "dpo"}  # rows that zero no neuron
+UNMASKED = {"base", "aura", "profs", "act", "dpo"}  # rows that zero no neuron
 
 
 def relearn_rows(recipe: CompareRecipe) -> list[str]:
@@ -287,14 +302,14 @@ def relearn_rows(recipe: CompareRecipe) -> list[str]:
     if section.rows is not None:
         return section.rows
     names = row_names(recipe)
-    wanted = {"base", recipe.headline.name, "aura", "profs", "dpo", "induced",
+    wanted = {"base", recipe.headline.name, "aura", "profs", "act", "dpo", "induced",
               *[f"random-{s}" for s in recipe.compare.random_seeds[:1]]}
     return [n for n in names if n in wanted]
 
 
 def relearn_attacks(recipe: CompareRecipe) -> list[tuple[str, int, str]]:
     """(row, docs, masks) of every attack; released masks only where neurons were zeroed (the
-    base, AURA, ProFS and DPO have none to release)."""
+    base, AURA, ProFS, Linear-AcT and DPO have none to release)."""
     if recipe.relearn is None:
         return []
     return [(row, n, masks) for row in relearn_rows(recipe) for n in recipe.relearn.docs
@@ -333,6 +348,36 @@ def _check_profs_inputs(recipe: CompareRecipe) -> None:
     cfg = profs_config(recipe.compare, recipe.run.model, "-", "cpu")
     _row_errors("profs", lambda: (read_pairs(cfg),
                                   check_model(cfg, NeuronMap(skeleton(cfg.model)))))
+
+
+def act_config(recipe: CompareRecipe, model: str, out: str, device: str) -> ActConfig:
+    """The `act` row's settings: `compare.act_KEY` is `lmprune act --KEY`; the corpora default to
+    the collect section's."""
+    compare = recipe.compare
+    return ActConfig(model=model, out=out, offensive=compare.act_offensive or
+                     recipe.collect.offensive, clean=compare.act_clean or recipe.collect.clean,
+                     max_docs=compare.act_max_docs, strength=compare.act_strength,
+                     layers=compare.act_layers, device=device)
+
+
+def _check_act_settings(compare: CompareConfig) -> None:
+    from lmprune.act import check_config
+
+    _row_errors("act", lambda: check_config(ActConfig(
+        model="-", out="-", max_docs=compare.act_max_docs, strength=compare.act_strength,
+        layers=compare.act_layers)))
+
+
+def _check_act_inputs(recipe: CompareRecipe) -> None:
+    """The corpora, layers and architecture of the `act` row against the model's config (no
+    weights)."""
+    from lmprune.act import check_model, read_corpora
+    from lmprune.arch import NeuronMap
+    from lmprune.profs import skeleton
+
+    cfg = act_config(recipe, recipe.run.model, "-", "cpu")
+    _row_errors("act", lambda: (check_model(cfg, NeuronMap(skeleton(cfg.model))),
+                                read_corpora(cfg, warn=False)))
 
 
 def dpo_config(compare: CompareConfig, model: str, out: str, device: str) -> DpoConfig:
@@ -379,6 +424,8 @@ def load_compare(path: str | Path, overrides: list[str] = (), out: str | None = 
                          sections=SECTIONS)
     if check_files and recipe.compare.profs:
         _check_profs_inputs(recipe)
+    if check_files and recipe.compare.act:
+        _check_act_inputs(recipe)
     if check_files and recipe.compare.dpo:
         _check_dpo_inputs(recipe)
     return recipe
@@ -468,6 +515,8 @@ def row_names(recipe: CompareRecipe) -> list[str]:
         names.append("top-auroc")
     if recipe.compare.profs:
         names.append("profs")
+    if recipe.compare.act:
+        names.append("act")
     if recipe.compare.dpo:
         names.append("dpo")
     if recipe.induce is not None:
@@ -478,6 +527,7 @@ def row_names(recipe: CompareRecipe) -> list[str]:
 
 
 def plan_compare(recipe: CompareRecipe, folder: CompareFolder) -> list[Stage]:
+    from lmprune.act import run as run_act
     from lmprune.collect import run_collect
     from lmprune.dpo import run as run_dpo
     from lmprune.evaluate.command import evaluate, summary
@@ -560,6 +610,10 @@ def plan_compare(recipe: CompareRecipe, folder: CompareFolder) -> list[Stage]:
                            headline_cfg.device)
         stages.append(Stage("prune:profs", cfg, lambda resume, c=cfg: run_profs(c),
                             [folder.row_model("profs")], [], [model, cfg.pairs]))
+    if recipe.compare.act:
+        cfg = act_config(recipe, model, str(folder.row_model("act")), headline_cfg.device)
+        stages.append(Stage("prune:act", cfg, lambda resume, c=cfg: run_act(c),
+                            [folder.row_model("act")], [], [model, cfg.offensive, cfg.clean]))
     if recipe.compare.dpo:  # a training stage: on the fine-tuning's device
         cfg = dpo_config(recipe.compare, model, str(folder.row_model("dpo")),
                          recipe.finetune.device)

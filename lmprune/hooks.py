@@ -29,7 +29,9 @@ class NeuronHooks:
         self.layers = list(range(self.neuron_map.num_layers)) if layers is None else list(layers)
         self.calls = dict.fromkeys(self.layers, 0)
         self.forwards = 0
-        self._batch_shape: tuple[int, int] = (0, 0)
+        self.batch_shape: tuple[int, int] = (0, 0)
+        """(batch, pos) of the running forward pass, which OPT's flattened activations are viewed
+        back to: set by the model's pre-hook, or by a caller that runs the blocks itself."""
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def _pre_hook(self, layer: int):
@@ -37,7 +39,7 @@ class NeuronHooks:
             self.calls[layer] += 1
             acts = args[0]
             if acts.dim() == 2:  # OPT flattens [batch * pos, d_mlp] inside its MLP
-                acts = acts.view(*self._batch_shape, acts.shape[-1])
+                acts = acts.view(*self.batch_shape, acts.shape[-1])
             replaced = self.fn(layer, acts)
             if replaced is not None:
                 return (replaced.reshape(args[0].shape), *args[1:])
@@ -50,7 +52,7 @@ class NeuronHooks:
         ids = args[0] if args else kwargs.get("input_ids")
         if ids is None:
             ids = kwargs["inputs_embeds"]
-        self._batch_shape = tuple(ids.shape[:2])
+        self.batch_shape = tuple(ids.shape[:2])
 
     def __enter__(self) -> NeuronHooks:
         for layer in self.layers:

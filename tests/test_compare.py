@@ -499,6 +499,69 @@ def test_the_profs_row_is_planned_behind_its_switch_and_moves_no_other_stage(tmp
             load_compare(path, change)
 
 
+def test_the_act_row_is_planned_behind_its_switch_and_moves_no_other_stage(tmp_path):
+    from lmprune.act import ActConfig
+    from lmprune.compare import CompareFolder, plan_compare, relearn_attacks, row_names
+
+    inputs = write_run_inputs(tmp_path)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(compare_values(inputs, tmp_path / "out")))
+    folder = CompareFolder(tmp_path / "out")
+    plain = load_compare(path)
+    switched = ["compare.act=true", "compare.act_strength=0.5", "compare.act_max_docs=32",
+                "compare.act_layers=1"]
+    on = load_compare(path, switched)
+    assert not plain.compare.act and "act" not in row_names(plain)
+    names = row_names(plain)
+    at = names.index("top-auroc") + 1
+    assert row_names(on) == [*names[:at], "act", *names[at:]]
+
+    before, after = plan_compare(plain, folder), plan_compare(on, folder)
+    keys = {s.name: s.key(folder.root) for s in before}
+    assert {s.name: s.key(folder.root) for s in after if s.name in keys} == keys
+    added = {s.name: s for s in after if s.name not in keys}
+    assert sorted(added) == ["eval:act", "eval:act+ft", "finetune:act", "prune:act"]
+    names_in_order = [s.name for s in after]
+    assert names_in_order.index("prune:act") < names_in_order.index("eval:base")
+    edit = added["prune:act"]
+    model_dir = str(folder.row_model("act"))
+    assert isinstance(edit.config, ActConfig) and edit.outputs == [folder.row_model("act")]
+    # the corpora default to the collect section's
+    assert (edit.config.model, edit.config.out, edit.config.offensive, edit.config.clean,
+            edit.config.strength, edit.config.max_docs, edit.config.layers) == (
+        plain.run.model, model_dir, plain.collect.offensive, plain.collect.clean, 0.5, 32, "1")
+    assert edit.sources == [plain.run.model, plain.collect.offensive, plain.collect.clean]
+    base_tune = next(s for s in after if s.name == "finetune:base").config
+    tune = added["finetune:act"].config
+    assert tune.model == model_dir and tune.base_model == plain.run.model
+    assert dataclasses.replace(tune, model=base_tune.model, out=base_tune.out,
+                               eval_every=base_tune.eval_every) == base_tune
+    # relearned by default like ProFS, with held masks only: nothing zeroed to release
+    attacked = load_compare(path, ["compare.act=true", "relearn.rows=null"])
+    attacks = relearn_attacks(attacked)
+    assert ("act", 8, "held") in attacks and ("act", 8, "released") not in attacks
+
+    own = tmp_path / "own.txt"
+    own.write_text("one\ntwo\n")
+    mine = load_compare(path, ["compare.act=true", f"compare.act_clean={own}"])
+    edit = next(s for s in plan_compare(mine, folder) if s.name == "prune:act")
+    assert edit.config.clean == str(own) and edit.config.offensive == plain.collect.offensive
+
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n\n")
+    for change, message in [
+        (["compare.act_strength=1.5"], "compare.act_strength: must be within [0, 1], not 1.5"),
+        (["compare.act_max_docs=0"], "compare.act_max_docs: must be at least 1, not 0"),
+        (["compare.act=true", "compare.act_layers=7"],
+         "compare.act: --layers 7: '7' is not within the model's layers 0-1"),
+        (["compare.act=true", f"compare.act_offensive={blank}"],
+         f"compare.act: corpus '{blank}' ({blank}) has no documents"),
+        (["modules.act.select=top:1"], "row name is taken"),
+    ]:
+        with pytest.raises(LmpruneError, match=re.escape(message)):
+            load_compare(path, change)
+
+
 def test_the_dpo_row_is_planned_behind_its_switch_and_moves_no_other_stage(tmp_path):
     from lmprune.compare import CompareFolder, plan_compare, relearn_attacks, row_names
     from lmprune.dpo import DpoConfig
