@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from lmprune.cli import main
 from lmprune.compare import CompareConfig, load_compare
-from lmprune.compare_report import frontier_below, targets
+from lmprune.compare.report import frontier_below, targets
 from lmprune.errors import LmpruneError
 from lmprune.evaluate.reference import scorer_disagreements, versus_reference
 

@@ -20,7 +20,7 @@ timed() {  # NAME STEP command...: the wall seconds of each step in $O/times
 evaluate() {
     timed $1 eval lmprune eval --model $O/$1/model --prompts rtp:challenging --limit 60 \
         --samples 10 --scorer profanity_check --extra-scorers minilm --fluency-judge base \
-        --ppl-data wikitext2:test --ppl-max-tokens 8192 --blimp-per-paradigm 10 \
+        --ppl-data wikitext2:test --ppl-max-tokens 8192 --blimp blimp --blimp-per-paradigm 10 \
         --json $O/$1/eval.json
 }
 attack() {  # NAME MODEL

@@ -65,6 +65,9 @@ def main() -> None:
         m = row_metrics(eval_path, "profanity_check")
         if m is None:
             continue
+        if m["blimp_accuracy"] is None:  # evaluated without BLiMP, measured alone beside it
+            m["blimp_accuracy"] = (row_metrics(eval_path.with_name("blimp.json"),
+                                               "profanity_check") or {}).get("blimp_accuracy")
         attack = read_attack(attack_path) if attack_path else None
         if attack:
             attacks[name] = attack
@@ -74,7 +77,7 @@ def main() -> None:
         cells = [name, what, interval(m, "toxicity_probability"),
                  "–" if second is None else f"{second:.3f}",
                  f"{m['perplexity']:.1f}", f"{m['fluency_perplexity']:.1f}",
-                 f"{m['blimp_accuracy']:.3f}",
+                 "–" if m["blimp_accuracy"] is None else f"{m['blimp_accuracy']:.3f}",
                  f"{steps(attack, 'profanity_check')} / {steps(attack, SECOND)}", final]
         lines.append("| " + " | ".join(cells) + " |")
     print("\n".join(lines))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmprune.compare import (
+from lmprune.compare.recipe import (
     FRONTIER_FILE,
     PLOT_FILE,
     CompareFolder,

@@ -1,0 +1,268 @@
+"""The plan of `lmprune compare`: each row's stages (prune or make it, evaluate, fine-tune,
+evaluate again, attack), run by lmprune/stages.py, then the summary (lmprune/compare/report.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from lmprune.act import run as run_act
+from lmprune.collect import run_collect
+from lmprune.compare.recipe import (
+    CompareFolder,
+    CompareRecipe,
+    act_config,
+    aura_row,
+    budget_rows,
+    dpo_config,
+    load_compare,
+    profs_config,
+    relearn_attacks,
+    row_names,
+)
+from lmprune.compare.report import table, write_summary
+from lmprune.config import build_config
+from lmprune.dpo import run as run_dpo
+from lmprune.evaluate.command import evaluate, summary
+from lmprune.finetune import build_evaluator, finetune
+from lmprune.induce import InduceConfig, induce
+from lmprune.io import check_out_dir
+from lmprune.locate.run import run as run_locate
+from lmprune.lock import folder_lock
+from lmprune.profs import run as run_profs
+from lmprune.prune import PruneConfig
+from lmprune.prune import run as run_prune
+from lmprune.relearn import relearn
+from lmprune.stages import Stage, check_stages, duration, execute_stages, record_recipe
+
+
+def plan_compare(recipe: CompareRecipe, folder: CompareFolder) -> list[Stage]:
+    model = recipe.run.model
+    replace = dataclasses.replace
+    stages: list[Stage] = []
+
+    collect = replace(recipe.collect, model=model, out=str(folder.stats))
+    stages.append(Stage("collect", collect,
+                        lambda resume: run_collect(replace(collect, resume=resume)),
+                        [folder.stats], sources=[model, collect.offensive, collect.clean]))
+
+    module_maps: dict[str, Path] = {}
+    for row in recipe.modules:
+        path = folder.modules_for(row.locate, recipe.locate)
+        module_maps[row.name] = path
+        if any(s.outputs == [path] for s in stages):
+            continue
+        cfg = replace(row.locate, model=model, stats=str(folder.stats), out=str(path))
+        stages.append(Stage(f"locate:{path.stem}", cfg, lambda resume, c=cfg: run_locate(c),
+                            [path], [folder.stats], [model]))
+
+    # rows: (name, prune config or None for the base, upstream paths)
+    headline = recipe.headline
+    headline_model = folder.row_model(headline.name)
+    prunes: list[tuple[str, PruneConfig | None, list[Path]]] = [("base", None, [])]
+    for row in recipe.modules:
+        cfg = replace(row.prune, model=model, out=str(folder.row_model(row.name)),
+                      modules=str(module_maps[row.name]), stats=str(folder.stats))
+        prunes.append((row.name, cfg, [module_maps[row.name], folder.stats]))
+    headline_cfg = next(c for n, c, _ in prunes if n == headline.name)
+    for seed in recipe.compare.random_seeds:
+        prunes.append((f"random-{seed}", replace(
+            headline_cfg, mode="random", like=str(headline_model), seed=seed,
+            out=str(folder.row_model(f"random-{seed}"))), [headline_model]))
+    if recipe.compare.aura:
+        prunes.append(("aura", PruneConfig(model=model, mode="dampen", stats=str(folder.stats),
+                                           out=str(folder.row_model("aura")),
+                                           device=headline_cfg.device),
+                       [folder.stats]))
+    if recipe.compare.top_auroc:
+        prunes.append(("top-auroc", replace(headline_cfg, mode="neurons",
+                                            out=str(folder.row_model("top-auroc"))),
+                       [folder.stats, module_maps[headline.name]]))
+
+    planned = {name for name, _, _ in prunes}
+    first_seed = (recipe.compare.random_seeds or [0])[0]
+    for budget in recipe.compare.frontier_budgets:
+        name, random_name = budget_rows(recipe, budget)
+        if name in planned:
+            continue
+        cfg = replace(headline_cfg, select=f"budget:{budget.strip()}",
+                      out=str(folder.row_model(name)))
+        prunes.append((name, cfg, [module_maps[headline.name], folder.stats]))
+        prunes.append((random_name, replace(
+            headline_cfg, mode="random", like=str(folder.row_model(name)), seed=first_seed,
+            out=str(folder.row_model(random_name))), [folder.row_model(name)]))
+    for alpha in recipe.compare.aura_strengths:
+        name = aura_row(recipe, alpha)
+        if name not in planned:
+            prunes.append((name, PruneConfig(model=model, mode="dampen", strength=alpha,
+                                             stats=str(folder.stats),
+                                             out=str(folder.row_model(name)),
+                                             device=headline_cfg.device), [folder.stats]))
+
+    if recipe.induce is not None:
+        stages += _induce_stages(recipe, folder, prunes)
+
+    for name, cfg, upstream in prunes:
+        if cfg is not None:
+            stages.append(Stage(f"prune:{name}", cfg, lambda resume, c=cfg: run_prune(c),
+                                [folder.row_model(name)], upstream, [model]))
+    if recipe.compare.profs:  # named like the rows' prune stages: the summary times prune:ROW
+        cfg = profs_config(recipe.compare, model, str(folder.row_model("profs")),
+                           headline_cfg.device)
+        stages.append(Stage("prune:profs", cfg, lambda resume, c=cfg: run_profs(c),
+                            [folder.row_model("profs")], [], [model, cfg.pairs]))
+    if recipe.compare.act:
+        cfg = act_config(recipe, model, str(folder.row_model("act")), headline_cfg.device)
+        stages.append(Stage("prune:act", cfg, lambda resume, c=cfg: run_act(c),
+                            [folder.row_model("act")], [], [model, cfg.offensive, cfg.clean]))
+    if recipe.compare.dpo:  # a training stage: on the fine-tuning's device
+        cfg = dpo_config(recipe.compare, model, str(folder.row_model("dpo")),
+                         recipe.finetune.device)
+        stages.append(Stage("prune:dpo", cfg, lambda resume, c=cfg: run_dpo(c),
+                            [folder.row_model("dpo")], [], [model, cfg.pairs]))
+
+    def target_model(name: str) -> tuple[str, list[Path]]:
+        if name == "base":
+            return model, []
+        return str(folder.row_model(name)), [folder.row_model(name)]
+
+    def eval_stage(stage: str, path: str, upstream: list[Path], json_path: Path) -> Stage:
+        cfg = replace(recipe.eval, model=path, json=str(json_path))
+
+        def action(resume: bool, cfg=cfg):
+            print(summary(evaluate(cfg)))
+
+        return Stage(stage, cfg, action, [json_path], upstream,
+                     [*([] if upstream else [path]), cfg.prompts, cfg.ppl_data])
+
+    names = row_names(recipe)
+    if recipe.induce is not None:  # the routed model before its module is ablated
+        routed = folder.induced_routed
+        stages.append(eval_stage("eval:induced-routed", str(routed), [routed],
+                                 folder.induced_routed_eval))
+    stages += [eval_stage(f"eval:{name}", *target_model(name), folder.row_eval(name, False))
+               for name in names]
+    curve_rows = {headline.name, "induced"}
+    # fine-tune the rows the targets read first, so a partial comparison answers them
+    searched = [m.name for m in recipe.modules if m.name != headline.name]
+    for name in sorted(names, key=lambda n: (n != "base", n != headline.name)):
+        path, upstream = target_model(name)
+        out = folder.row(name) / "finetuned"
+        cfg = replace(recipe.finetune, model=path, out=str(out), base_model=model)
+        if name not in curve_rows:  # the relearning curve only where the targets look
+            cfg = replace(cfg, eval_every=0)
+
+        def tune(resume: bool, cfg=cfg):
+            import shutil
+
+            if not resume:
+                shutil.rmtree(Path(cfg.out) / "checkpoints", ignore_errors=True)
+            finetune(cfg, build_evaluator(cfg))
+
+        stages.append(Stage(f"finetune:{name}", cfg, tune, [out], upstream,
+                            [*([] if upstream else [path]), cfg.data, cfg.eval_prompts,
+                             cfg.ppl_data]))
+        stages.append(eval_stage(f"eval:{name}+ft", str(out), [out],
+                                 folder.row_eval(name, True)))
+
+    for name, docs, masks in relearn_attacks(recipe):
+        path, upstream = target_model(name)
+        cfg = replace(recipe.relearn.config, model=path, docs=docs, masks=masks,
+                      out=str(folder.relearn(name, docs, masks)), base_model=model)
+
+        def attack(resume: bool, cfg=cfg):
+            import shutil
+
+            if not resume:
+                shutil.rmtree(Path(cfg.out) / "checkpoints", ignore_errors=True)
+            relearn(cfg)
+
+        stages.append(Stage(f"relearn:{name}@{docs}-{masks}", cfg, attack, [Path(cfg.out)],
+                            upstream, [*([] if upstream else [path]), cfg.data,
+                                       cfg.eval_prompts, cfg.ppl_data]))
+
+    # the induced rows (routing is the longest stage) after the others, the fine-tuning of the
+    # other searched configurations, then the relearning attacks last; order kept within
+    searched_tuning = {f"{kind}:{n}{tail}" for n in searched
+                       for kind, tail in (("finetune", ""), ("eval", "+ft"))}
+
+    def phase(stage: Stage) -> int:
+        row = stage.name.partition(":")[2]
+        if stage.name.startswith("relearn:"):
+            return 4
+        if stage.name == "induce" or row.startswith("induced"):
+            return 1
+        if row.startswith("frontier-"):  # its evaluations first, its fine-tuning last
+            return 3 if stage.name.startswith("finetune") or row.endswith("+ft") else 2
+        return 2 if stage.name in searched_tuning else 0
+
+    stages.sort(key=phase)
+    return stages
+
+
+def _induce_stages(recipe: CompareRecipe, folder: CompareFolder, prunes: list) -> list[Stage]:
+    """Gradient routing into a designated module (its own stage, timed), then the prune rows."""
+
+    routed = folder.induced_routed
+    values = {**recipe.induce, "model": recipe.run.model, "out": str(routed)}
+    values.setdefault("offensive", recipe.collect.offensive)
+    values.setdefault("clean", recipe.collect.clean)
+    cfg = build_config(InduceConfig, values, where="induce")
+    stage = Stage("induce", cfg, lambda resume: induce(cfg), [routed],
+                  sources=[recipe.run.model, cfg.offensive, cfg.clean])
+    designated = str(routed / "modules.json")
+    device = recipe.headline.prune.device
+    prunes.append(("induced", PruneConfig(model=str(routed), mode="modules", modules=designated,
+                                          select="ids:0", out=str(folder.row_model("induced")),
+                                          device=device), [routed]))
+    for seed in recipe.compare.induced_random_seeds:
+        name = f"induced-random-{seed}"
+        prunes.append((name, PruneConfig(model=str(routed), mode="random", like=designated,
+                                         select="ids:0", seed=seed,
+                                         out=str(folder.row_model(name)), device=device),
+                       [routed]))
+    return [stage]
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def run_compare(recipe: CompareRecipe, overwrite: bool = False) -> int:
+
+    folder = CompareFolder(recipe.run.out)
+    check_out_dir(folder.root, "run", overwrite)
+    stages = plan_compare(recipe, folder)
+    check_stages(stages)
+    with folder_lock(folder.root):
+        record_recipe(folder, recipe.values)
+        seconds = execute_stages(stages, folder, command="compare")
+        # derived from the rows' files in seconds: always rewritten, so it follows the code
+        summary = write_summary(recipe, folder)
+    print("\n".join(table(summary)))
+    print(f"lmprune compare: finished in {duration(seconds)}; {folder.root / 'compare.md'}",
+          flush=True)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    return run_compare(load_compare(args.recipe, args.set or [], args.out), args.overwrite)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "compare", help="Module pruning against random controls, AURA and top-AUROC neurons "
+                        "(and induced modules), each before and after the same fine-tuning.",
+        description="Run a comparison recipe (YAML: model, out, collect, locate, eval, finetune, "
+                    "`modules:` named prune settings, `compare:` rows and targets, optional "
+                    "`induce:`); cached per stage, so a killed comparison resumes.")
+    parser.add_argument("recipe", metavar="RECIPE", help="Comparison YAML (see recipes/).")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="Override a value, e.g. eval.samples=25 or "
+                             "modules.modules-1pct.select=budget:2%% (read as YAML).")
+    parser.add_argument("--out", default=None, help="Output folder (overrides the recipe's).")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Write into an existing --out folder that is not an lmprune run "
+                             "folder.")
+    parser.set_defaults(func=cmd_compare)
