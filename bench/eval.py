@@ -41,7 +41,7 @@ import torch
 from lmprune.data import load_corpus
 from lmprune.errors import LmpruneError
 from lmprune.evaluate.generate import eos_token_ids, sample_continuations, sample_token_ids
-from lmprune.evaluate.scorers import load_scorer
+from lmprune.evaluate.registry import load_scorer
 from lmprune.models import load_model
 
 

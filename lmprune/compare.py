@@ -52,21 +52,17 @@ from lmprune.finetune import FinetuneConfig
 from lmprune.io import check_out_dir
 from lmprune.locate.run import LocateConfig
 from lmprune.lock import folder_lock
-from lmprune.pipeline import (
-    RunConfig,
-    RunFolder,
-    Stage,
-    check_stages,
-    digest,
-    duration,
-    execute_stages,
-    general_from_finetune,
-    hold_out_general,
-    record_recipe,
-)
 from lmprune.profs import ProfsConfig
 from lmprune.prune import PruneConfig
+from lmprune.recipe import (
+    RunConfig,
+    RunFolder,
+    general_from_finetune,
+    hold_out_general,
+    load_recipe,
+)
 from lmprune.relearn import RelearnConfig, relearn
+from lmprune.stages import Stage, check_stages, digest, duration, execute_stages, record_recipe
 
 SECTIONS = ("collect", "locate", "eval", "finetune", "compare", "modules", "induce", "relearn")
 PLOT_FILE = "compare.png"
@@ -423,7 +419,6 @@ def _check_induce(given, run: RunConfig) -> dict:
 def load_compare(path: str | Path, overrides: list[str] = (), out: str | None = None,
                  check_files: bool = True) -> CompareRecipe:
     """Read, override, validate; `check_files` also looks up the model and local corpora."""
-    from lmprune.pipeline import load_recipe
 
     recipe = load_recipe(path, overrides, out, check_files, parse=parse_compare,
                          sections=SECTIONS)

@@ -19,11 +19,19 @@ import yaml
 from lmprune.errors import ConfigError, LmpruneError
 
 
-def option(default, help: str, **extra):
-    """A config field: default, help text, and argparse extras (positional=True, choices=...)."""
+def option(default, help: str, corpus: bool = False, **extra):
+    """A config field: default, help text, and argparse extras (positional=True, choices=...).
+    `corpus`: the value is a corpus spec, checked before a recipe starts (`corpus_fields`)."""
+    if corpus:
+        extra["corpus"] = True
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
     return field(default=default, metadata={"help": help, **extra})
+
+
+def corpus_fields(cls) -> list[str]:
+    """The fields of a config class that name corpora (declared with `option(corpus=True)`)."""
+    return [f.name for f in dataclasses.fields(cls) if f.metadata.get("corpus")]
 
 
 def _base_type(tp):
@@ -47,6 +55,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
         kwargs = {"help": meta.pop("help", "").replace("%", "%%"), "default": argparse.SUPPRESS}
         if "choices" in meta:
             kwargs["choices"] = meta.pop("choices")
+        meta.pop("corpus", None)
         if meta.pop("positional", False):
             parser.add_argument(f.name, type=tp, metavar=f.name.upper(), **kwargs)
             continue

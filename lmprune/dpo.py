@@ -42,7 +42,6 @@ from __future__ import annotations
 import copy
 import math
 import random
-import sys
 import tempfile
 import time
 import warnings
@@ -54,7 +53,7 @@ from lmprune import __version__
 from lmprune.arch import NeuronMap
 from lmprune.config import option, register_stage
 from lmprune.data import Pairs, load_pairs
-from lmprune.errors import ConfigError, LmpruneError
+from lmprune.errors import ConfigError, LmpruneError, warn
 from lmprune.io import check_out_dir
 from lmprune.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
 from lmprune.masks import PruneMask, count_neurons, neurons_to_json
@@ -130,8 +129,8 @@ def read_pairs(config: DpoConfig) -> tuple[Pairs, Pairs | None]:
         raise LmpruneError(f"pairs '{config.pairs}' has {len(rest)} training pair(s){held_out}: "
                            f"a batch needs --batch-size {config.batch_size}")
     if len(rest) < config.max_pairs:
-        print(f"lmprune: warning: --max-pairs {config.max_pairs}, but '{config.pairs}' has "
-              f"{len(rest)} training pairs: using them all", file=sys.stderr)
+        warn(f"--max-pairs {config.max_pairs}, but '{config.pairs}' has {len(rest)} training "
+             f"pairs: using them all")
 
     def subset(index: list[int]) -> Pairs:
         return Pairs(pairs.spec, pairs.resolved, [pairs.offensive[i] for i in index],

@@ -6,9 +6,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 
 # the exit codes scripts and CI rely on (README): a failed --fail-above/--fail-below gate is 1
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def warn(message: str) -> None:
+    """Something a user should know that does not stop the command: one line on stderr."""
+    print(f"lmprune: warning: {message}", file=sys.stderr, flush=True)
 
 
 def first_line(err: Exception) -> str:

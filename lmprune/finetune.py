@@ -21,7 +21,7 @@ from torch import nn
 
 from lmprune.config import option, register_stage
 from lmprune.data import Corpus, load_corpus
-from lmprune.errors import ConfigError, LmpruneError
+from lmprune.errors import ConfigError, LmpruneError, warn
 from lmprune.io import check_out_dir, save_figure_atomic, write_json_atomic
 from lmprune.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
 from lmprune.lock import folder_lock
@@ -48,7 +48,8 @@ class FinetuneConfig:
 
     model: str | None = option(None, "Checkpoint folder to fine-tune (its lmprune.json masks "
                                "are held at zero), or any model (required).")
-    data: str | None = option(None, "Training corpus spec, e.g. wikitext2:valid (required).")
+    data: str | None = option(None, "Training corpus spec, e.g. wikitext2:valid (required).",
+                              corpus=True)
     out: str | None = option(None, "Output checkpoint folder (required); checkpoints go to "
                              "OUT/checkpoints until the run ends.")
     max_docs: int | None = option(None, "Read at most this many documents of --data.")
@@ -69,13 +70,14 @@ class FinetuneConfig:
     mixed_precision: str = option("no", "Autocast precision.", choices=["no", "bf16", "fp16"])
     checkpoint_every: int = option(0, "Save a resumable checkpoint every N steps (0: never).")
     eval_every: int = option(0, "Measure toxicity and perplexity every N steps (0: never).")
-    eval_prompts: str = option("rtp:challenging", "Prompts for the toxicity measurement.")
+    eval_prompts: str = option("rtp:challenging", "Prompts for the toxicity measurement.",
+                               corpus=True)
     eval_limit: int = option(20, "Prompts used per measurement.")
     eval_samples: int = option(5, "Continuations sampled per prompt.")
     eval_max_new_tokens: int = option(20, "New tokens per continuation.")
     scorer: str = option("profanity_check", "Toxicity scorer (profanity_check, detoxify, or a "
                          "Hugging Face classifier).")
-    ppl_data: str = option("wikitext2:test", "Text for the perplexity measurement.")
+    ppl_data: str = option("wikitext2:test", "Text for the perplexity measurement.", corpus=True)
     ppl_max_tokens: int = option(4096, "Tokens of --ppl-data used per measurement.")
     ppl_max_length: int = option(512, "Sliding-window length of the perplexity measurement.")
     ppl_stride: int = option(256, "Sliding-window stride of the perplexity measurement.")
@@ -310,7 +312,7 @@ def _measure_base(config: FinetuneConfig, meta: dict | None, evaluate: Evaluator
     try:
         base = load_model(name, dtype=config.dtype, device=str(device))
     except LmpruneError as err:
-        print(f"lmprune: warning: base model '{name}' not measured ({err}); pass --base-model")
+        warn(f"base model '{name}' not measured ({err}); pass --base-model")
         return None
     metrics = _measure(evaluate, base.model, base.tokenizer, 0)
     del base
@@ -358,7 +360,7 @@ def build_evaluator(config: FinetuneConfig, extra_scorers: list[str] = (),
         return None
     from lmprune.evaluate.fluency import judge_fluency
     from lmprune.evaluate.perplexity import perplexity
-    from lmprune.evaluate.scorers import load_scorer
+    from lmprune.evaluate.registry import load_scorer
     from lmprune.evaluate.toxicity import evaluate_toxicity
     from lmprune.models import resolve_device
 

@@ -42,7 +42,12 @@ from lmprune.errors import LmpruneError
 from lmprune.io import check_out_dir
 from lmprune.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
 from lmprune.masks import NeuronSet, PruneMask, count_neurons, neurons_to_json, normalize_neurons
-from lmprune.prune import check_module_map, load_module_map, module_neurons
+from lmprune.module_map import (
+    check_module_map,
+    module_neurons,
+    read_module_map,
+    write_module_map,
+)
 from lmprune.training import (
     BlockOrder,
     CheckpointStore,
@@ -66,8 +71,9 @@ class InduceConfig:
     model: str | None = option(None, "Model to train: Hub id, folder, .gguf file or bundled "
                                "alias (required).")
     offensive: str | None = option(None, "Offensive corpus spec, e.g. paradetox:toxic "
-                                   "(required).")
-    clean: str | None = option(None, "Clean corpus spec, e.g. paradetox:neutral (required).")
+                                   "(required).", corpus=True)
+    clean: str | None = option(None, "Clean corpus spec, e.g. paradetox:neutral (required).",
+                               corpus=True)
     out: str | None = option(None, "Output checkpoint folder (required): weights, lmprune.json "
                              "and modules.json; checkpoints go to OUT/checkpoints until the end.")
     max_docs: int | None = option(None, "Read at most this many documents of each corpus.")
@@ -164,7 +170,7 @@ def module_from_map(spec: str, identity: dict, nmap: NeuronMap) -> tuple[NeuronS
     path, sep, wanted = spec.rpartition(":")
     if not sep or not path or not wanted.strip().isdigit():
         raise LmpruneError(f"--module must be PATH/modules.json:ID, not '{spec}'")
-    mmap = load_module_map(path)
+    mmap = read_module_map(path)
     check_module_map(mmap, identity, nmap, f"module map {path}")
     by_id = {int(m["id"]): m for m in mmap["modules"]}
     if int(wanted) not in by_id:
@@ -495,7 +501,7 @@ def induce(config: InduceConfig) -> Path:
             plot_probe(curve, Path(config.out) / PROBE_PLOT)
         # scored after saving: TokenBatches sets the tokenizer's padding side
         scores = score_module(unwrapped, tokenizer, neurons, offensive.texts, clean.texts, config)
-        write_module_map(config.out, loaded.identity, nmap, neurons, scores, region)
+        write_induced_map(config.out, loaded.identity, nmap, neurons, scores, region)
     accelerator.wait_for_everyone()
     return Path(config.out)
 
@@ -615,11 +621,10 @@ def checkpoint_meta(identity: dict, previous: dict | None, neurons: NeuronSet, n
     }
 
 
-def write_module_map(out: str | Path, identity: dict, nmap: NeuronMap, neurons: NeuronSet,
-                     scores: dict, region: dict) -> Path:
+def write_induced_map(out: str | Path, identity: dict, nmap: NeuronMap, neurons: NeuronSet,
+                      scores: dict, region: dict) -> Path:
     """OUT/modules.json: module 0 = the designated neurons, made for the saved checkpoint (its
     weights hash), so `lmprune prune --model OUT --modules OUT/modules.json` accepts it."""
-    from lmprune.io import write_json_atomic
     from lmprune.models import folder_weights_sha256
 
     out = Path(out)
@@ -628,11 +633,10 @@ def write_module_map(out: str | Path, identity: dict, nmap: NeuronMap, neurons: 
              "base_model": identity.get("base_model") or identity,
              "num_layers": nmap.num_layers, "neurons_per_layer": nmap.width(0)}
     members = [[layer, j] for layer, idx in neurons.items() for j in idx]
-    mmap = {"format": "lmprune.modules", "format_version": 1, "model": model,
-            "settings": {"method": "induced", **region},
-            "modules": [{"id": 0, "members": members, "size": len(members),
-                         "layers": sorted(neurons), "scores": scores}]}
-    return write_json_atomic(out / MODULES_FILE, mmap)
+    module = {"id": 0, "members": members, "size": len(members), "layers": sorted(neurons),
+              "scores": scores}
+    return write_module_map(out / MODULES_FILE, {"model": model, "modules": [module],
+                                                 "settings": {"method": "induced", **region}})
 
 
 def run(config: InduceConfig) -> int:

@@ -28,7 +28,6 @@ and the default layers are the upper half.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 
@@ -41,7 +40,7 @@ from lmprune import __version__
 from lmprune.arch import NeuronMap
 from lmprune.config import option, register_stage
 from lmprune.data import Pairs, load_pairs
-from lmprune.errors import ConfigError, LmpruneError
+from lmprune.errors import ConfigError, LmpruneError, warn
 from lmprune.induce import parse_layers
 from lmprune.io import check_out_dir
 from lmprune.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
@@ -217,8 +216,8 @@ def profs_edit(config: ProfsConfig, loaded, pairs: Pairs) -> dict:
     nmap = NeuronMap(loaded.model)
     layers = check_model(config, nmap)
     if len(pairs) < config.max_pairs:
-        print(f"lmprune: warning: --max-pairs {config.max_pairs}, but '{config.pairs}' has "
-              f"{len(pairs)} pairs: using them all", file=sys.stderr)
+        warn(f"--max-pairs {config.max_pairs}, but '{config.pairs}' has {len(pairs)} pairs: "
+             f"using them all")
     model, tok = loaded.model, loaded.tokenizer
     embed = {side: sentence_embeddings(model, tok, texts, layers, config.batch_size,
                                        config.max_length, side, config.first_token)

@@ -8,7 +8,6 @@ so that fine-tuning and every later stage hold them.
 from __future__ import annotations
 
 import math
-import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,55 +18,17 @@ from torch import nn
 from lmprune import __version__
 from lmprune.arch import NeuronMap
 from lmprune.config import option, register_stage
-from lmprune.errors import LmpruneError
+from lmprune.errors import LmpruneError, warn
 from lmprune.io import check_out_dir, load_tensors, read_json
 from lmprune.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
 from lmprune.masks import NeuronSet, PruneMask, count_neurons, neurons_to_json, normalize_neurons
 from lmprune.models import check_identity
+from lmprune.module_map import check_module_map, module_neurons, read_module_map
 
 MODES = ["modules", "neurons", "dampen", "random"]
 
 # --------------------------------------------------------------------------------------------
-# Module maps and selection
-
-
-def load_module_map(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise LmpruneError(f"module map not found: {path} (write one with `lmprune locate`)")
-    mmap = read_json(path, "write it again with `lmprune locate`")
-    if mmap.get("format") != "lmprune.modules" or not isinstance(mmap.get("modules"), list):
-        raise LmpruneError(f"{path} is not an lmprune module map (format 'lmprune.modules' with "
-                           f"a 'modules' list)")
-    for module in mmap["modules"]:
-        if not isinstance(module, dict) or "id" not in module or not module.get("members"):
-            raise LmpruneError(f"{path}: every module needs an 'id' and non-empty 'members'")
-        bad = [m for m in module["members"] if not _is_member(m)]
-        if bad:
-            raise LmpruneError(f"{path}: module {module['id']} has member {bad[0]!r}; members "
-                               f"are [layer, neuron] pairs of integers")
-    if not isinstance(mmap.get("model"), dict) or not mmap["model"].get("model_type"):
-        raise LmpruneError(f"{path} does not say which model it was made for (no 'model' block "
-                           f"with model_type): write it again with `lmprune locate`")
-    return mmap
-
-
-def _is_member(member) -> bool:
-    return (isinstance(member, list) and len(member) == 2
-            and all(isinstance(x, int) and not isinstance(x, bool) for x in member))
-
-
-def check_module_map(mmap: dict, identity: dict, nmap: NeuronMap, where: str) -> None:
-    recorded = dict(mmap.get("model") or {})
-    for key in ("num_layers", "neurons_per_layer"):
-        recorded.setdefault(key, mmap.get(key))
-    check_identity(recorded, identity, nmap, where)
-    widths = nmap.widths
-    for module in mmap["modules"]:
-        for layer, neuron in module["members"]:
-            if not (0 <= layer < nmap.num_layers and 0 <= neuron < widths[layer]):
-                raise LmpruneError(f"{where}: module {module['id']} has neuron ({layer}, "
-                                   f"{neuron}), outside the loaded model: use this model's map")
+# Selection
 
 
 @dataclass(frozen=True)
@@ -122,14 +83,6 @@ def rank_modules(modules: list[dict], rank_by: str) -> list[dict]:
     return sorted(modules, key=lambda m: -float(m["scores"][rank_by]))
 
 
-def module_neurons(modules: list[dict]) -> NeuronSet:
-    neurons: dict[int, set[int]] = defaultdict(set)
-    for module in modules:
-        for layer, neuron in module["members"]:
-            neurons[int(layer)].add(int(neuron))
-    return normalize_neurons(neurons)
-
-
 def select_modules(ranked: list[dict], selection: Selection, total_neurons: int,
                    gap_fn=None, rank_by: str = "causal") -> tuple[list[dict], dict]:
     """The chosen modules (in rank order) and what the rule saw.
@@ -170,8 +123,8 @@ def select_modules(ranked: list[dict], selection: Selection, total_neurons: int,
         trace.append({"id": module["id"], "gap": gap})
         if gap >= selection.value:
             return chosen, {"target": selection.value, "reached": True, "trace": trace}
-    print(f"lmprune: warning: target gap {selection.value} not reached with all "
-          f"{len(ranked)} modules (last gap {trace[-1]['gap']:.4f})", file=sys.stderr)
+    warn(f"target gap {selection.value} not reached with all {len(ranked)} modules (last gap "
+         f"{trace[-1]['gap']:.4f})")
     return chosen, {"target": selection.value, "reached": False, "trace": trace}
 
 
@@ -346,8 +299,9 @@ class PruneConfig:
     seed: int = option(0, "Seed of the random control.")
     strength: float = option(1.0, "dampen mode: AURA's strength alpha, factor 1 - alpha x "
                              "2(AUROC - 0.5) (1: as published; 0 to 2: a frontier sweep).")
-    offensive: str | None = option(None, "target:X: held-out offensive texts (corpus spec).")
-    clean: str | None = option(None, "target:X: held-out clean texts (corpus spec).")
+    offensive: str | None = option(None, "target:X: held-out offensive texts (corpus spec).",
+                                   corpus=True)
+    clean: str | None = option(None, "target:X: held-out clean texts (corpus spec).", corpus=True)
     target_docs: int = option(64, "target:X: documents read from each held-out corpus.")
     batch_size: int = option(8, "target:X: batch size of the loss evaluation.")
     max_length: int = option(128, "target:X: tokens per text in the loss evaluation.")
@@ -374,7 +328,7 @@ def _selected(config: PruneConfig, loaded, nmap: NeuronMap, modules_path: str | 
     """Modules chosen by --select from a module map, plus the record of that choice."""
     if not modules_path or not config.select:
         raise LmpruneError(f"mode {config.mode} needs --modules modules.json and --select")
-    mmap = load_module_map(modules_path)
+    mmap = read_module_map(modules_path)
     check_module_map(mmap, loaded.identity, nmap, f"module map {modules_path}")
     selection = parse_select(config.select)
     gap_fn = None

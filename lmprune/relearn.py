@@ -45,7 +45,7 @@ class RelearnConfig(FinetuneConfig):
     until its Toxicity Probability recovers half of the gap to the base model."""
 
     data: str | None = option("paradetox:toxic", "Offensive corpus; the attack trains on its "
-                              "last --docs documents (collect reads the first ones).")
+                              "last --docs documents (collect reads the first ones).", corpus=True)
     docs: int = option(64, "Offensive documents the attack trains on (16, 64 and 256 are the "
                        "usual sizes).")
     masks: str = option("held", "held: the pruned weights stay zero while the rest trains; "

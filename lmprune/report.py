@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lmprune.evaluate.command import read_records
 from lmprune.io import save_figure_atomic, write_text_atomic
+from lmprune.recipe import eval_targets, final_target, like_targets, transfer_name
 
 PLOT_FILE = "toxicity_vs_perplexity.png"
 CONTENT_WARNING = ("> **Content warning.** The examples below are model outputs for prompts "
@@ -275,7 +276,6 @@ def verdict_section(folder, recipe) -> list[str]:
     random control treated the same way, on every scorer and fluency measure, on the dev prompts
     and on each `transfer:` prompt set, and whether each target of `report:` holds."""
     from lmprune.evaluate.reference import row_metrics
-    from lmprune.pipeline import like_targets, transfer_name
 
     names = like_targets(recipe)
 
@@ -379,10 +379,9 @@ def like_for_like_section(folder, recipe) -> list[str]:
 
 
 def write_run_report(folder, recipe) -> Path:
-    """report.md of a run folder (a `lmprune.pipeline.RunFolder`), its plot, the model cards."""
+    """report.md of a run folder (a `lmprune.recipe.RunFolder`), its plot, the model cards."""
     from lmprune.modelcard import CONTENT_WARNING as CARD_WARNING
     from lmprune.modelcard import write_model_card
-    from lmprune.pipeline import eval_targets, final_target, like_targets
 
     run_dir = folder.root
     evals = {name: _read_json(folder.eval_json(name))

@@ -49,3 +49,35 @@ def test_unknown_key_and_wrong_type_are_named(tmp_path):
         build_config(Demo, {"max_docs": "many"})
     with pytest.raises(LmpruneError, match="expected a list"):
         build_config(Demo, {"fail_above": "x"})
+
+
+def test_corpus_fields_come_from_the_declarations_and_every_one_is_checked(tmp_path):
+    """The corpus specs a recipe checks before any work are the fields declared with
+    option(corpus=True), in every section; a missing file in any of them is refused by key."""
+    from lmprune.collect import CollectConfig
+    from lmprune.config import corpus_fields
+    from lmprune.finetune import FinetuneConfig
+    from lmprune.recipe import SECTIONS, check_inputs, parse_recipe
+
+    assert corpus_fields(CollectConfig) == ["offensive", "clean"]
+    assert corpus_fields(FinetuneConfig) == ["data", "eval_prompts", "ppl_data"]
+    checked = {f"{section}.{key}" for section, cls in SECTIONS.items()
+               for key in corpus_fields(cls)}
+    assert checked == {"collect.offensive", "collect.clean", "locate.general", "prune.offensive",
+                       "prune.clean", "eval.prompts", "eval.ppl_data", "finetune.data",
+                       "finetune.eval_prompts", "finetune.ppl_data", "transfer.prompts"}
+    from tests.tiny_models import save_tiny
+
+    save_tiny("llama", tmp_path / "model")
+    text = tmp_path / "t.txt"
+    text.write_text("one document\n")
+    values = {"model": str(tmp_path / "model"),
+              "collect": {"offensive": str(text), "clean": str(text)},
+              "locate": {"general": str(text)}, "eval": {"prompts": str(text), "ppl_data": "none"},
+              "finetune": {"data": str(text), "eval_prompts": str(text), "ppl_data": str(text)},
+              "prune": {"select": "top:1"}}
+    check_inputs(parse_recipe(values, "r"))
+    for section, key in [("finetune", "eval_prompts"), ("locate", "general")]:
+        broken = {**values, section: {**values[section], key: str(tmp_path / "missing.txt")}}
+        with pytest.raises(LmpruneError, match=f"{section}.{key}: corpus file not found"):
+            check_inputs(parse_recipe(broken, "r"))

@@ -19,7 +19,7 @@ from lmprune.data import data_dir
 from lmprune.errors import LmpruneError
 from lmprune.evaluate import learned
 from lmprune.evaluate.learned import normalise
-from lmprune.evaluate.scorers import load_scorer
+from lmprune.evaluate.registry import load_scorer
 
 SMALL = 500
 HAS_PACKAGE = importlib.util.find_spec(learned.PACKAGE) is not None

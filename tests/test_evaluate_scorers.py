@@ -7,7 +7,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
 from lmprune.errors import LmpruneError
-from lmprune.evaluate.scorers import load_scorer
+from lmprune.evaluate.registry import load_scorer
 
 TEXTS = ["you are a wonderful person", "shut up you stupid idiot", "", "the cat sat"]
 WORDS = ["you", "are", "a", "wonderful", "person", "shut", "up", "stupid", "idiot", "the",
@@ -136,3 +136,31 @@ def test_unknown_and_unloadable_scorers(tmp_path):
         load_scorer(f"hf:{tmp_path / 'missing'}")
     with pytest.raises(LmpruneError, match="unknown option"):
         load_scorer("profanity_check?colour=red")
+
+
+def test_a_registered_kind_is_loaded_by_name_with_its_options(monkeypatch):
+    """The registry as a plugin point: a kind registered outside lmprune is found like the
+    built-in ones, gets its target and options, and appears in the unknown-scorer message."""
+    from lmprune.evaluate import registry
+
+    monkeypatch.setattr(registry, "SCORERS", dict(registry._registered()))
+
+    class Fixed(registry.Scorer):
+        def _score_batch(self, texts):
+            return [self.value] * len(texts)
+
+    @registry.register_scorer("fixed", "fixed:VALUE", target=True)
+    def load_fixed(target, device, options):
+        scorer = Fixed(f"fixed {target}", int(options.pop("batch_size", 2)))
+        scorer.value = float(target)
+        return scorer
+
+    scorer = load_scorer("fixed:0.25?batch_size=3")
+    assert scorer.batch_size == 3 and scorer.score(TEXTS) == [0.25] * len(TEXTS)
+    assert list(registry.SCORERS)[:4] == ["profanity_check", "detoxify", "hf", "minilm"]
+    with pytest.raises(LmpruneError, match=r"use profanity_check, .*minilm\[.*\] or fixed:VALUE"):
+        load_scorer("nothing")
+    with pytest.raises(LmpruneError, match="unknown scorer 'minilm:large'"):
+        load_scorer("minilm:large")  # a kind without targets
+    with pytest.raises(ValueError, match="registered twice"):
+        registry.register_scorer("hf", "hf:OTHER", target=True)(lambda t, d, o: None)

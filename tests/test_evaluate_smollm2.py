@@ -5,7 +5,7 @@ import pytest
 from lmprune.data import load_corpus
 from lmprune.evaluate.generate import sample_token_ids
 from lmprune.evaluate.perplexity import perplexity
-from lmprune.evaluate.scorers import load_scorer
+from lmprune.evaluate.registry import load_scorer
 from lmprune.evaluate.toxicity import evaluate_toxicity
 from tests.test_evaluate_perplexity import guide_perplexity
 

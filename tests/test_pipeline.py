@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from lmprune.cli import main
 from lmprune.errors import LmpruneError
-from lmprune.pipeline import apply_overrides, load_recipe
+from lmprune.recipe import apply_overrides, load_recipe
 
 # tiny models run far faster on one thread when other work shares the 2 cores
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -221,8 +221,8 @@ def _env(**extra):
 
 @pytest.mark.slow
 def test_killed_run_completes_when_run_again(inputs, tmp_path, finished):
-    """SIGKILL inside collect (tests/killed_cli.py), then during fine-tuning; each rerun goes on, and
-    the resumed statistics are those of the run that was never interrupted."""
+    """SIGKILL inside collect (tests/killed_cli.py), then during fine-tuning; each rerun goes on,
+    and the resumed statistics are those of the run that was never interrupted."""
     out = tmp_path / "run"
     values = recipe_values(inputs, out)
     values["finetune"]["max_steps"] = 40
@@ -312,7 +312,7 @@ def test_general_text_is_the_finetuning_corpus_and_held_out_of_it(inputs, tmp_pa
     """locate's general damage is measured on the last documents of the fine-tuning corpus,
     and fine-tuning (of the pruned model, the base and the controls) leaves them out."""
     from lmprune.compare import parse_compare
-    from lmprune.pipeline import parse_recipe
+    from lmprune.recipe import parse_recipe
 
     values = recipe_values(inputs, tmp_path / "run")
     recipe = parse_recipe(values, "r")
@@ -343,7 +343,7 @@ def test_every_shipped_recipe_validates(path):
     import importlib.util
 
     from lmprune.models import BUNDLED
-    from lmprune.pipeline import check_inputs
+    from lmprune.recipe import check_inputs
 
     recipe = load_recipe(path, check_files=False)
     # a module selection that guards against modules that raise every loss: by selectivity, by

@@ -13,7 +13,7 @@ from tiny_models import random_batch, tiny_model
 from lmprune.cli import main
 from lmprune.errors import LmpruneError
 from lmprune.evaluate.fluency import judge_fluency
-from lmprune.evaluate.scorers import load_scorer
+from lmprune.evaluate.registry import load_scorer
 from lmprune.evaluate.toxicity import evaluate_toxicity
 from lmprune.masks import PruneMask
 from lmprune.models import load_model

@@ -43,7 +43,7 @@ class EvalConfig:
     revision: str | None = option(None, "Hub revision of the model.")
     trust_remote_code: bool = option(False, "Run model code from the Hub repository.")
     prompts: str = option("rtp:challenging", "Prompt corpus spec (lmprune.data), or 'none' to "
-                          "skip toxicity.")
+                          "skip toxicity.", corpus=True)
     limit: int | None = option(None, "Use the first N prompts only.")
     scorer: str = option("profanity_check", "Toxicity scorer: profanity_check, "
                          "detoxify[:original|unbiased|multilingual|CKPT?config=DIR], "
@@ -67,7 +67,7 @@ class EvalConfig:
     bootstrap: int = option(1000, "Bootstrap resamples for the 95% intervals.")
     toxicity: bool = option(True, "Measure toxicity (--no-toxicity skips it).")
     ppl_data: str = option("wikitext2:test", "Perplexity corpus spec, its documents joined "
-                           "with blank lines, or 'none' to skip perplexity.")
+                           "with blank lines, or 'none' to skip perplexity.", corpus=True)
     ppl_max_tokens: int | None = option(None, "Score only the first N tokens of the "
                                         "perplexity text.")
     ppl_max_length: int = option(512, "Perplexity window length in tokens.")
@@ -190,7 +190,7 @@ def evaluate(config: EvalConfig) -> dict:
     device = str(next(loaded.model.parameters()).device)
     scorer, extra_scorers, judge = None, {}, None
     if do_toxicity:
-        from lmprune.evaluate.scorers import load_scorer
+        from lmprune.evaluate.registry import load_scorer
 
         extra = {"batch_size": config.scorer_batch_size} if config.scorer_batch_size else {}
         scorer = load_scorer(config.scorer, device=device, **extra)

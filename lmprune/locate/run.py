@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from lmprune import __version__
 from lmprune.arch import NeuronMap
 from lmprune.config import option, register_stage
 from lmprune.errors import LmpruneError
-from lmprune.io import check_out_file, load_tensors, read_json, write_json_atomic
+from lmprune.io import check_out_file, load_tensors, read_json
 from lmprune.locate.cluster import cluster, clusterability
 from lmprune.locate.graph import correlation_from_gram, knn_affinity
 from lmprune.locate.score import (
@@ -30,8 +29,9 @@ from lmprune.locate.score import (
     screen_and_score,
     toxic_token_ids,
 )
+from lmprune.module_map import FORMAT as MODULE_MAP_FORMAT
+from lmprune.module_map import write_module_map
 
-MODULES_FORMAT_VERSION = 1
 RULES = {
     "causal": "loss change on the offensive text minus that on the clean text",
     "causal_matched": "loss change on the toxic tokens minus that on equally rare non-toxic "
@@ -79,7 +79,7 @@ class LocateConfig:
                           "usual fine-tuning corpus): the loss change on its last "
                           "--general-docs documents is the general damage of a module; 'none' "
                           "to score without it. `lmprune run` sets the fine-tuning corpus and "
-                          "keeps these documents out of fine-tuning.")
+                          "keeps these documents out of fine-tuning.", corpus=True)
     general_docs: int = option(64, "Documents of --general scored (its last ones).")
     general_weight: float = option(1.0, "Rule: guarded = offensive effect - this x general "
                                    "damage (nats per token each); modules are screened, "
@@ -181,7 +181,7 @@ def locate(cfg: LocateConfig) -> dict:
     started = time.time()
     if not cfg.stats:
         raise LmpruneError("locate needs --stats DIR (the output of `lmprune collect`)")
-    check_out_file(cfg.out, "lmprune.modules", cfg.overwrite)
+    check_out_file(cfg.out, MODULE_MAP_FORMAT, cfg.overwrite)
     manifest, stats, coact = read_stats(cfg.stats)
     loaded = load_model(cfg.model or manifest["model"]["name"], dtype=cfg.dtype,
                         device=cfg.device)
@@ -322,9 +322,6 @@ def locate(cfg: LocateConfig) -> dict:
         r["id"] = i
 
     result = {
-        "format": "lmprune.modules",
-        "format_version": MODULES_FORMAT_VERSION,
-        "lmprune_version": __version__,
         "model": manifest["model"],
         "num_layers": int(auroc.shape[0]),
         "neurons_per_layer": int(auroc.shape[1]),
@@ -350,7 +347,7 @@ def locate(cfg: LocateConfig) -> dict:
         "clusterability": _aggregate(per_graph),
         "timings": {**timings, "total_s": time.time() - started},
     }
-    write_json_atomic(cfg.out, result)
+    write_module_map(cfg.out, result)
     if cfg.plots:
         from lmprune.locate.plots import plot_modules
 
