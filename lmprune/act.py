@@ -43,7 +43,6 @@ adds 1e-8 noise to x instead), so zeroed neurons stay zero.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 
@@ -56,7 +55,7 @@ from lmprune import __version__
 from lmprune.arch import ARCHITECTURES, NeuronMap
 from lmprune.config import option, register_stage
 from lmprune.data import Corpus, load_corpus
-from lmprune.errors import ConfigError, LmpruneError
+from lmprune.errors import ConfigError, LmpruneError, warn
 from lmprune.hooks import NeuronHooks
 from lmprune.induce import parse_layers
 from lmprune.io import check_out_dir
@@ -77,9 +76,9 @@ class ActConfig:
     model: str = option("smollm2-135m", "Hub id, local folder, .gguf file or bundled alias.")
     out: str | None = option(None, "Output checkpoint folder (required).")
     offensive: str = option("paradetox:toxic", "Corpus spec of offensive text: the source "
-                            "distribution (see lmprune.data).")
+                            "distribution (see lmprune.data).", corpus=True)
     clean: str = option("paradetox:neutral", "Corpus spec of clean text: the target "
-                        "distribution.")
+                        "distribution.", corpus=True)
     max_docs: int = option(512, "Documents of each corpus, the first ones (the longer corpus is "
                            "cut to the shorter's count: the sorted samples pair one to one).")
     strength: float = option(1.0, "The paper's lambda in [0, 1]: h' = (1 - lambda) h + lambda "
@@ -395,19 +394,18 @@ def _summary(w: torch.Tensor, b: torch.Tensor, constant: torch.Tensor) -> dict:
 # The stage
 
 
-def read_corpora(config: ActConfig, warn: bool = True) -> tuple[Corpus, Corpus]:
-    """The first `max_docs` documents of each corpus, the longer one cut to the shorter's count
-    (`warn`: saying so on stderr, and when a corpus has fewer than `max_docs`)."""
+def read_corpora(config: ActConfig, quiet: bool = False) -> tuple[Corpus, Corpus]:
+    """The first `max_docs` documents of each corpus, the longer one cut to the shorter's count;
+    a warning says so, and when a corpus has fewer than `max_docs` (none with `quiet`)."""
     offensive = load_corpus(config.offensive, limit=config.max_docs)
     clean = load_corpus(config.clean, limit=config.max_docs)
     n = min(len(offensive.texts), len(clean.texts))
-    for corpus in (offensive, clean) if warn else ():
+    for corpus in () if quiet else (offensive, clean):
         if len(corpus.texts) < config.max_docs:
-            print(f"lmprune: warning: --max-docs {config.max_docs}, but '{corpus.spec}' has "
-                  f"{len(corpus.texts)} documents", file=sys.stderr)
-    if warn and len(offensive.texts) != len(clean.texts):
-        print(f"lmprune: warning: using {n} documents of each corpus (sorting pairs equal-size "
-              f"samples)", file=sys.stderr)
+            warn(f"--max-docs {config.max_docs}, but '{corpus.spec}' has {len(corpus.texts)} "
+                 f"documents")
+    if not quiet and len(offensive.texts) != len(clean.texts):
+        warn(f"using {n} documents of each corpus (sorting pairs equal-size samples)")
     return (Corpus(offensive.spec, offensive.resolved, offensive.texts[:n]),
             Corpus(clean.spec, clean.resolved, clean.texts[:n]))
 

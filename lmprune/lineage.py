@@ -21,7 +21,7 @@ def read_lineage(folder: str | Path, required: bool = False) -> dict | None:
     if not path.is_file():
         if required:
             raise LmpruneError(f"{folder} has no {LINEAGE_FILE}: it is not a checkpoint written "
-                               f"by lmprune (prune, finetune, induce, profs, dpo)")
+                               f"by lmprune (prune, finetune, induce, profs, act, dpo)")
         return None
     meta = read_json(path, "prune or fine-tune again to rewrite it")
     if not isinstance(meta.get("pruned_neurons", {}), dict):

@@ -36,6 +36,9 @@ _MODES = {
     "profs": "a toxic subspace, found from paired toxic and non-toxic sentence embeddings, was "
              "projected out of the MLP output weights (ProFS, Uppaal et al. 2025); no neuron "
              "was zeroed",
+    "act": "each MLP neuron's activations were transported, by an affine map fitted on toxic and "
+           "non-toxic text, towards their distribution on non-toxic text, the map folded into the "
+           "weights (Linear-AcT, Rodriguez et al. 2024); no neuron was zeroed",
     "dpo": "the model was trained with DPO (Rafailov et al. 2023) to prefer neutral paraphrases "
            "over their toxic originals, as Lee et al. 2024 do; no neuron was zeroed",
 }

@@ -342,7 +342,7 @@ def _check_act_inputs(recipe: CompareRecipe) -> None:
 
     cfg = act_config(recipe, recipe.run.model, "-", "cpu")
     _row_errors("act", lambda: (check_model(cfg, NeuronMap(skeleton(cfg.model))),
-                                read_corpora(cfg, warn=False)))
+                                read_corpora(cfg, quiet=True)))
 
 
 def dpo_config(compare: CompareConfig, model: str, out: str, device: str) -> DpoConfig:
