@@ -48,7 +48,8 @@ make_dpo() {
     row dpo
 }
 make_act() {
-    timed act make lmprune act --model smollm2-135m --out $O/act/model
+    # strength 1 (the paper's) breaks SmolLM2 as a weight edit (README lmprune act): 0.25
+    timed act make lmprune act --model smollm2-135m --strength 0.25 --out $O/act/model
     row act
 }
 make_aura() {

@@ -30,7 +30,7 @@ ROWS = {
               MADE / "profs/relearn"),
     "DPO": ("32 steps, beta 0.1, 128 ParaDetox pairs", MADE / "dpo/eval.json",
             MADE / "dpo/relearn"),
-    "Linear-AcT": ("strength 1, every layer's MLP neurons", MADE / "act/eval.json",
+    "Linear-AcT": ("strength 0.25 (1 breaks the model), every MLP neuron", MADE / "act/eval.json",
                    MADE / "act/relearn"),
     "induced module": ("300 routing steps, 480 drawn neurons, then pruned",
                        MADE / "induced/eval.json", MADE / "induced/relearn"),
