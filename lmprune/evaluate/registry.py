@@ -103,7 +103,7 @@ def load_scorer(name: str, device: str = "cpu", **options) -> Scorer:
     registered = _registered()
     entry = registered.get(kind)
     if entry is None or (target and not entry.target):
-        usages = [e.usage for e in registered.values()]
+        usages = [registered[k].usage for k in sorted(registered)]
         raise LmpruneError(f"unknown scorer '{name}': use {', '.join(usages[:-1])} or "
                            f"{usages[-1]}")
     scorer = entry.load(target, device, options)
