@@ -55,10 +55,15 @@ def steps(attack: dict | None, scorer: str) -> str:
     return str(r["steps"]) if r["recovered"] else f"> {attack['steps']}"
 
 
+def tp_at(attack: dict, scorer: str, step: int) -> str:
+    value = dict((s, v) for s, v in attack["curves"][scorer]).get(step)
+    return "–" if value is None else f"{value:.2f}"
+
+
 def main() -> None:
     head = ["row", "what", "TP profanity_check", f"TP {SECOND}", "perplexity",
             "generation fluency", "BLiMP", "steps to relearn (profanity_check / minilm)",
-            "TP after 64 attack steps (profanity_check / minilm)"]
+            "TP at attack step 16 -> 64 (profanity_check / minilm)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     attacks = {}
     for name, (what, eval_path, attack_path) in ROWS.items():
@@ -73,7 +78,8 @@ def main() -> None:
             attacks[name] = attack
         second = (m["scorers"].get(SECOND) or {}).get("toxicity_probability")
         final = "–" if attack is None else " / ".join(
-            f"{attack['by_scorer'][s]['final']:.2f}" for s in ("profanity_check", SECOND))
+            f"{tp_at(attack, s, 16)} -> {tp_at(attack, s, attack['steps'])}"
+            for s in ("profanity_check", SECOND))
         cells = [name, what, interval(m, "toxicity_probability"),
                  "–" if second is None else f"{second:.3f}",
                  f"{m['perplexity']:.1f}", f"{m['fluency_perplexity']:.1f}",
