@@ -452,40 +452,49 @@ def test_targets_are_not_met_when_the_base_model_is_never_toxic():
     json.dumps(clean, allow_nan=False)
 
 
-def test_the_profs_row_is_planned_behind_its_switch_and_moves_no_other_stage(tmp_path):
+def _switched_row(tmp_path, row: str, switches: list[str]):
+    """Plan a comparison without and with the `row` switched on: the row lands after
+    top-auroc, every stage of the plain plan keeps its key, and the row's fine-tuning is the
+    base's settings from the row's model. Returns (path, folder, plain, on, added stages)."""
     from lmprune.compare import CompareFolder, plan_compare, row_names
-    from lmprune.profs import ProfsConfig
 
     inputs = write_run_inputs(tmp_path)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(compare_values(inputs, tmp_path / "out")))
     folder = CompareFolder(tmp_path / "out")
-    plain = load_compare(path)
-    switched = ["compare.profs=true", "compare.profs_rank=3", "compare.profs_layers=1"]
-    on = load_compare(path, switched)
-    assert not plain.compare.profs and "profs" not in row_names(plain)
+    plain, on = load_compare(path), load_compare(path, switches)
+    assert not getattr(plain.compare, row) and row not in row_names(plain)
     names = row_names(plain)
     at = names.index("top-auroc") + 1
-    assert row_names(on) == [*names[:at], "profs", *names[at:]]
+    assert row_names(on) == [*names[:at], row, *names[at:]]
 
     before, after = plan_compare(plain, folder), plan_compare(on, folder)
     keys = {s.name: s.key(folder.root) for s in before}
     assert {s.name: s.key(folder.root) for s in after if s.name in keys} == keys
     added = {s.name: s for s in after if s.name not in keys}
-    assert sorted(added) == ["eval:profs", "eval:profs+ft", "finetune:profs", "prune:profs"]
-    edit = added["prune:profs"]
-    model_dir = str(folder.row_model("profs"))
-    assert isinstance(edit.config, ProfsConfig) and edit.outputs == [folder.row_model("profs")]
-    assert (edit.config.model, edit.config.out, edit.config.pairs, edit.config.rank,
-            edit.config.layers, edit.config.max_pairs) == (
-        plain.run.model, model_dir, "paradetox", 3, "1", 500)
-    assert edit.sources == [plain.run.model, "paradetox"]
-    # fine-tuned like every row: the base's settings from the edited model, nothing masked
+    order = [s.name for s in after]
+    assert order.index(f"prune:{row}") < order.index("eval:base")  # made before the evals
+    assert added[f"prune:{row}"].outputs == [folder.row_model(row)]
     base_tune = next(s for s in after if s.name == "finetune:base").config
-    tune = added["finetune:profs"].config
-    assert tune.model == model_dir and tune.base_model == plain.run.model
+    tune = added[f"finetune:{row}"].config
+    assert tune.model == str(folder.row_model(row)) and tune.base_model == plain.run.model
     assert dataclasses.replace(tune, model=base_tune.model, out=base_tune.out,
                                eval_every=base_tune.eval_every) == base_tune
+    return path, folder, plain, on, added
+
+
+def test_the_profs_row_is_planned_behind_its_switch_and_moves_no_other_stage(tmp_path):
+    from lmprune.profs import ProfsConfig
+
+    path, folder, plain, _, added = _switched_row(
+        tmp_path, "profs", ["compare.profs=true", "compare.profs_rank=3", "compare.profs_layers=1"])
+    assert sorted(added) == ["eval:profs", "eval:profs+ft", "finetune:profs", "prune:profs"]
+    edit = added["prune:profs"]
+    assert isinstance(edit.config, ProfsConfig)
+    assert (edit.config.model, edit.config.out, edit.config.pairs, edit.config.rank,
+            edit.config.layers, edit.config.max_pairs) == (
+        plain.run.model, str(folder.row_model("profs")), "paradetox", 3, "1", 500)
+    assert edit.sources == [plain.run.model, "paradetox"]
 
     for change, message in [
         (["compare.profs_rank=0"], "compare.profs_rank: must be at least 1, not 0"),
@@ -501,41 +510,20 @@ def test_the_profs_row_is_planned_behind_its_switch_and_moves_no_other_stage(tmp
 
 def test_the_act_row_is_planned_behind_its_switch_and_moves_no_other_stage(tmp_path):
     from lmprune.act import ActConfig
-    from lmprune.compare import CompareFolder, plan_compare, relearn_attacks, row_names
+    from lmprune.compare import plan_compare, relearn_attacks
 
-    inputs = write_run_inputs(tmp_path)
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(compare_values(inputs, tmp_path / "out")))
-    folder = CompareFolder(tmp_path / "out")
-    plain = load_compare(path)
-    switched = ["compare.act=true", "compare.act_strength=0.5", "compare.act_max_docs=32",
-                "compare.act_layers=1"]
-    on = load_compare(path, switched)
-    assert not plain.compare.act and "act" not in row_names(plain)
-    names = row_names(plain)
-    at = names.index("top-auroc") + 1
-    assert row_names(on) == [*names[:at], "act", *names[at:]]
-
-    before, after = plan_compare(plain, folder), plan_compare(on, folder)
-    keys = {s.name: s.key(folder.root) for s in before}
-    assert {s.name: s.key(folder.root) for s in after if s.name in keys} == keys
-    added = {s.name: s for s in after if s.name not in keys}
+    path, folder, plain, _, added = _switched_row(
+        tmp_path, "act", ["compare.act=true", "compare.act_strength=0.5",
+                          "compare.act_max_docs=32", "compare.act_layers=1"])
     assert sorted(added) == ["eval:act", "eval:act+ft", "finetune:act", "prune:act"]
-    names_in_order = [s.name for s in after]
-    assert names_in_order.index("prune:act") < names_in_order.index("eval:base")
     edit = added["prune:act"]
-    model_dir = str(folder.row_model("act"))
-    assert isinstance(edit.config, ActConfig) and edit.outputs == [folder.row_model("act")]
+    assert isinstance(edit.config, ActConfig)
     # the corpora default to the collect section's
     assert (edit.config.model, edit.config.out, edit.config.offensive, edit.config.clean,
             edit.config.strength, edit.config.max_docs, edit.config.layers) == (
-        plain.run.model, model_dir, plain.collect.offensive, plain.collect.clean, 0.5, 32, "1")
+        plain.run.model, str(folder.row_model("act")), plain.collect.offensive,
+        plain.collect.clean, 0.5, 32, "1")
     assert edit.sources == [plain.run.model, plain.collect.offensive, plain.collect.clean]
-    base_tune = next(s for s in after if s.name == "finetune:base").config
-    tune = added["finetune:act"].config
-    assert tune.model == model_dir and tune.base_model == plain.run.model
-    assert dataclasses.replace(tune, model=base_tune.model, out=base_tune.out,
-                               eval_every=base_tune.eval_every) == base_tune
     # relearned by default like ProFS, with held masks only: nothing zeroed to release
     attacked = load_compare(path, ["compare.act=true", "relearn.rows=null"])
     attacks = relearn_attacks(attacked)
@@ -563,44 +551,25 @@ def test_the_act_row_is_planned_behind_its_switch_and_moves_no_other_stage(tmp_p
 
 
 def test_the_dpo_row_is_planned_behind_its_switch_and_moves_no_other_stage(tmp_path):
-    from lmprune.compare import CompareFolder, plan_compare, relearn_attacks, row_names
+    from lmprune.compare import relearn_attacks
     from lmprune.dpo import DpoConfig
 
-    inputs = write_run_inputs(tmp_path)
     pairs = tmp_path / "pairs.tsv"
     pairs.write_text("offensive\tclean\n" + "".join(f"bad {i}\tgood {i}\n" for i in range(50)))
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(compare_values(inputs, tmp_path / "out")))
-    folder = CompareFolder(tmp_path / "out")
-    plain = load_compare(path)
-    switched = ["compare.dpo=true", f"compare.dpo_pairs={pairs}", "compare.dpo_beta=0.2",
-                "compare.dpo_max_steps=3", "compare.dpo_max_pairs=16",
-                "relearn.rows=[base, planted, dpo]"]
-    on = load_compare(path, switched)
-    assert not plain.compare.dpo and "dpo" not in row_names(plain)
-    names = row_names(plain)
-    at = names.index("top-auroc") + 1
-    assert row_names(on) == [*names[:at], "dpo", *names[at:]]
-
-    before, after = plan_compare(plain, folder), plan_compare(on, folder)
-    keys = {s.name: s.key(folder.root) for s in before}
-    assert {s.name: s.key(folder.root) for s in after if s.name in keys} == keys
-    added = {s.name: s for s in after if s.name not in keys}
+    path, folder, plain, on, added = _switched_row(
+        tmp_path, "dpo", ["compare.dpo=true", f"compare.dpo_pairs={pairs}",
+                          "compare.dpo_beta=0.2", "compare.dpo_max_steps=3",
+                          "compare.dpo_max_pairs=16", "relearn.rows=[base, planted, dpo]"])
     assert sorted(added) == ["eval:dpo", "eval:dpo+ft", "finetune:dpo", "prune:dpo",
                              "relearn:dpo@8-held"]  # nothing zeroed: no released attack
     assert ("dpo", 8, "released") not in relearn_attacks(on)
     train = added["prune:dpo"]
-    model_dir = str(folder.row_model("dpo"))
-    assert isinstance(train.config, DpoConfig) and train.outputs == [folder.row_model("dpo")]
+    assert isinstance(train.config, DpoConfig)
     assert (train.config.model, train.config.out, train.config.pairs, train.config.beta,
             train.config.max_steps, train.config.lr, train.config.device) == (
-        plain.run.model, model_dir, str(pairs), 0.2, 3, 1e-5, plain.finetune.device)
+        plain.run.model, str(folder.row_model("dpo")), str(pairs), 0.2, 3, 1e-5,
+        plain.finetune.device)
     assert train.sources == [plain.run.model, str(pairs)]
-    base_tune = next(s for s in after if s.name == "finetune:base").config
-    tune = added["finetune:dpo"].config
-    assert tune.model == model_dir and tune.base_model == plain.run.model
-    assert dataclasses.replace(tune, model=base_tune.model, out=base_tune.out,
-                               eval_every=base_tune.eval_every) == base_tune
 
     few = tmp_path / "few.tsv"
     few.write_text("offensive\tclean\nbad\tgood\n")

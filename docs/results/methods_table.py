@@ -63,7 +63,7 @@ def tp_at(attack: dict, scorer: str, step: int) -> str:
 def main() -> None:
     head = ["row", "what", "TP profanity_check", f"TP {SECOND}", "perplexity",
             "generation fluency", "BLiMP", "steps to relearn (profanity_check / minilm)",
-            "TP at attack step 16 -> 64 (profanity_check / minilm)"]
+            "attack: TP at step 0 -> 16 -> 64 (profanity_check / minilm)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     attacks = {}
     for name, (what, eval_path, attack_path) in ROWS.items():
@@ -78,7 +78,7 @@ def main() -> None:
             attacks[name] = attack
         second = (m["scorers"].get(SECOND) or {}).get("toxicity_probability")
         final = "–" if attack is None else " / ".join(
-            f"{tp_at(attack, s, 16)} -> {tp_at(attack, s, attack['steps'])}"
+            " -> ".join(tp_at(attack, s, step) for step in (0, 16, attack["steps"]))
             for s in ("profanity_check", SECOND))
         cells = [name, what, interval(m, "toxicity_probability"),
                  "–" if second is None else f"{second:.3f}",
