@@ -52,12 +52,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmprune import __version__
-from lmprune.arch import ARCHITECTURES, NeuronMap
+from lmprune.arch import ARCHITECTURES, NeuronMap, parse_layers
 from lmprune.config import option, register_stage
 from lmprune.data import Corpus, load_corpus
 from lmprune.errors import ConfigError, LmpruneError, warn
 from lmprune.hooks import NeuronHooks
-from lmprune.induce import parse_layers
 from lmprune.io import check_out_dir
 from lmprune.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
 from lmprune.masks import count_neurons, neurons_to_json, normalize_neurons
@@ -137,15 +136,17 @@ def transport_hooks(model: nn.Module, maps: Maps, neuron_map: NeuronMap | None =
                     ) -> NeuronHooks:
     """Hooks (a context manager) that apply `maps` {layer: (a, c)} to the neurons on the fly:
     h' = a * h + c at the input of each output projection; what the folded weights compute."""
-    cast: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    return NeuronHooks(model, lambda layer, acts: transported(maps, layer, acts), sorted(maps),
+                       neuron_map)
 
-    def apply(layer: int, acts: torch.Tensor) -> torch.Tensor:
-        if layer not in cast:
-            cast[layer] = tuple(t.to(acts.device, acts.dtype) for t in maps[layer])
-        a, c = cast[layer]
-        return acts * a + c
 
-    return NeuronHooks(model, apply, sorted(maps), neuron_map)
+def transported(maps: Maps, layer: int, acts: torch.Tensor) -> torch.Tensor | None:
+    """a * acts + c with the map {layer: (a, c)} of `layer`, in the activations' device and
+    dtype; None (unchanged) for a layer without one."""
+    if layer not in maps:
+        return None
+    a, c = (t.to(acts.device, acts.dtype) for t in maps[layer])
+    return acts * a + c
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,10 +240,7 @@ class _Sweep:
         def fn(hooked: int, acts: torch.Tensor):
             if n_docs is not None:
                 rows.append((acts.double() * current[0].weights).sum(1).cpu())
-            if hooked in maps:
-                a, c = (t.to(acts.device, acts.dtype) for t in maps[hooked])
-                return acts * a + c
-            return None
+            return transported(maps, hooked, acts)
 
         hooks = NeuronHooks(self.model, fn, [layer], self.nmap)
         with hooks:
@@ -279,10 +277,7 @@ def pooled_activations(model: nn.Module, tokenizer, texts: list[str], layers: li
     current: list[_Batch] = []
 
     def fn(layer: int, acts: torch.Tensor):
-        moved = None
-        if layer in maps:
-            a, c = (t.to(acts.device, acts.dtype) for t in maps[layer])
-            moved = acts * a + c
+        moved = transported(maps, layer, acts)
         if layer in out:
             seen = moved if after and moved is not None else acts
             out[layer][current[0].index] = (seen.double() * current[0].weights).sum(1).cpu()
@@ -466,8 +461,7 @@ def act_edit(config: ActConfig, loaded, offensive: Corpus, clean: Corpus) -> dic
 
 
 def run(config: ActConfig) -> int:
-    from lmprune.models import load_model, save_model
-    from lmprune.profs import skeleton
+    from lmprune.models import load_model, save_model, skeleton
 
     check_config(config)
     if not config.out:

@@ -169,3 +169,22 @@ def _has_submodule(model: nn.Module, path: str) -> bool:
     except AttributeError:
         return False
     return True
+
+
+def parse_layers(spec: str, num_layers: int) -> list[int]:
+    """'all', '3,4,5', '10-20' (inclusive) or a mix such as '1,4-6' -> sorted layer indices."""
+    if spec.strip() == "all":
+        return list(range(num_layers))
+    layers: set[int] = set()
+    for part in spec.split(","):
+        first, dash, last = part.strip().partition("-")
+        try:
+            lo, hi = int(first), int(last if dash else first)
+        except ValueError:
+            raise LmpruneError(f"--layers must be all, a list such as 3,4,5 or a range such as "
+                               f"10-20, not '{spec}'") from None
+        if not 0 <= lo <= hi < num_layers:
+            raise LmpruneError(f"--layers {spec}: '{part.strip()}' is not within the model's "
+                               f"layers 0-{num_layers - 1}")
+        layers.update(range(lo, hi + 1))
+    return sorted(layers)

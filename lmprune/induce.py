@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmprune.arch import NeuronMap
+from lmprune.arch import NeuronMap, parse_layers
 from lmprune.config import option, register_stage
 from lmprune.errors import LmpruneError
 from lmprune.io import check_out_dir
@@ -126,25 +126,6 @@ class InduceConfig:
 
 # --------------------------------------------------------------------------------------------
 # The designated region
-
-
-def parse_layers(spec: str, num_layers: int) -> list[int]:
-    """'all', '3,4,5', '10-20' (inclusive) or a mix such as '1,4-6' -> sorted layer indices."""
-    if spec.strip() == "all":
-        return list(range(num_layers))
-    layers: set[int] = set()
-    for part in spec.split(","):
-        first, dash, last = part.strip().partition("-")
-        try:
-            lo, hi = int(first), int(last if dash else first)
-        except ValueError:
-            raise LmpruneError(f"--layers must be all, a list such as 3,4,5 or a range such as "
-                               f"10-20, not '{spec}'") from None
-        if not 0 <= lo <= hi < num_layers:
-            raise LmpruneError(f"--layers {spec}: '{part.strip()}' is not within the model's "
-                               f"layers 0-{num_layers - 1}")
-        layers.update(range(lo, hi + 1))
-    return sorted(layers)
 
 
 def draw_neurons(widths: list[int], layers: list[int], per_layer: int, seed: int) -> NeuronSet:

@@ -361,3 +361,12 @@ def check_identity(recorded: dict, identity: dict, nmap, where: str) -> None:
         if theirs and ours and theirs not in ours:
             raise LmpruneError(f"{where} was made for another model ({key} {theirs[:12]}..., "
                                f"loaded {ours[0][:12]}...): collect and locate on this model")
+
+
+def skeleton(name: str) -> nn.Module:
+    """The model `name` built on the meta device from its config (no weights read)."""
+    from transformers import AutoModelForCausalLM
+
+    _, model_config = load_config(name)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config)

@@ -37,11 +37,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmprune import __version__
-from lmprune.arch import NeuronMap
+from lmprune.arch import NeuronMap, parse_layers
 from lmprune.config import option, register_stage
 from lmprune.data import Pairs, load_pairs
 from lmprune.errors import ConfigError, LmpruneError, warn
-from lmprune.induce import parse_layers
 from lmprune.io import check_out_dir
 from lmprune.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
 from lmprune.masks import count_neurons, neurons_to_json, normalize_neurons
@@ -259,19 +258,8 @@ def profs_edit(config: ProfsConfig, loaded, pairs: Pairs) -> dict:
     }
 
 
-def skeleton(name: str) -> nn.Module:
-    """The model `name` built on the meta device from its config (no weights read)."""
-    from transformers import AutoModelForCausalLM
-
-    from lmprune.models import load_config
-
-    _, model_config = load_config(name)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model_config)
-
-
 def run(config: ProfsConfig) -> int:
-    from lmprune.models import load_model, save_model
+    from lmprune.models import load_model, save_model, skeleton
 
     check_config(config)
     if not config.out:

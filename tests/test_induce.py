@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 from tiny_models import random_batch, save_tiny, tiny_model, tiny_tokenizer
 
+from lmprune.arch import parse_layers
 from lmprune.cli import main
 from lmprune.errors import LmpruneError
 from lmprune.induce import (
@@ -26,7 +27,6 @@ from lmprune.induce import (
     draw_neurons,
     induce,
     masked_mean_nll,
-    parse_layers,
     routed_step,
 )
 from lmprune.locate.score import CausalScorer, TokenBatches, random_control_sets

@@ -308,7 +308,8 @@ def _check_profs_settings(compare: CompareConfig) -> None:
 def _check_profs_inputs(recipe: CompareRecipe) -> None:
     """The pairs, layers and rank of the `profs` row against the model's config (no weights)."""
     from lmprune.arch import NeuronMap
-    from lmprune.profs import check_model, read_pairs, skeleton
+    from lmprune.models import skeleton
+    from lmprune.profs import check_model, read_pairs
 
     cfg = profs_config(recipe.compare, recipe.run.model, "-", "cpu")
     _row_errors("profs", lambda: (read_pairs(cfg),
@@ -338,7 +339,7 @@ def _check_act_inputs(recipe: CompareRecipe) -> None:
     weights)."""
     from lmprune.act import check_model, read_corpora
     from lmprune.arch import NeuronMap
-    from lmprune.profs import skeleton
+    from lmprune.models import skeleton
 
     cfg = act_config(recipe, recipe.run.model, "-", "cpu")
     _row_errors("act", lambda: (check_model(cfg, NeuronMap(skeleton(cfg.model))),
