@@ -37,8 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmprune.arch import NeuronMap  # noqa: E402
 from lmprune.collect import CollectConfig, FirstPass, Plan, forward_batch, stopping_hooks  # noqa: E402
+from lmprune.core.arch import NeuronMap  # noqa: E402
 
 # Real sizes, random weights (no download).
 CONFIGS = {
@@ -56,7 +56,7 @@ CONFIGS = {
 
 def build_model(name: str, dtype: torch.dtype, device: str):
     if name == "bundled":
-        from lmprune.models import load_model
+        from lmprune.core.models import load_model
 
         return load_model("smollm2-135m", dtype=str(dtype).replace("torch.", ""),
                           device=device).model

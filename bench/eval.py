@@ -38,11 +38,11 @@ from pathlib import Path
 
 import torch
 
-from lmprune.data import load_corpus
-from lmprune.errors import LmpruneError
+from lmprune.core.data import load_corpus
+from lmprune.core.errors import LmpruneError
+from lmprune.core.models import load_model
 from lmprune.evaluate.generate import eos_token_ids, sample_continuations, sample_token_ids
 from lmprune.evaluate.registry import load_scorer
-from lmprune.models import load_model
 
 
 def sync(device: str) -> None:

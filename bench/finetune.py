@@ -2,7 +2,7 @@
 against the same loop without masks, in the same run.
 
 Two copies of one model (same pruned starting weights) train side by side with
-`lmprune.training.train_step`; each repeat times a few steps of each, in alternating order, so
+`lmprune.core.training.train_step`; each repeat times a few steps of each, in alternating order, so
 load from other work on the machine hits both alike. Prints JSON; the last line is
 {"machine": ..., "ratios": {"masked_vs_plain_tokens_per_s": ...}, ...}.
 
@@ -49,7 +49,7 @@ def base_model(args: argparse.Namespace):
     """The model of --model (float32), or the small config; torch threads set from --threads."""
     torch.set_num_threads(args.threads)
     if args.model:
-        from lmprune.models import load_model
+        from lmprune.core.models import load_model
 
         return load_model(args.model, dtype="float32").model
     return small_model()
@@ -58,9 +58,9 @@ def base_model(args: argparse.Namespace):
 def main() -> None:
     from accelerate import Accelerator
 
-    from lmprune.arch import NeuronMap
-    from lmprune.masks import PruneMask
-    from lmprune.training import make_optimizer, make_scheduler, train_step
+    from lmprune.core.arch import NeuronMap
+    from lmprune.core.masks import PruneMask
+    from lmprune.core.training import make_optimizer, make_scheduler, train_step
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fraction", type=float, default=0.1, help="Neurons pruned per layer.")

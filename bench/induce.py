@@ -1,6 +1,6 @@
-"""Training speed of a gradient-routed step (`lmprune.induce.routed_step`: a routed and a clean
-pass, masked and clipped apart) against a plain fine-tuning step on the same blocks, in the same
-run.
+"""Training speed of a gradient-routed step (`lmprune.induce.command.routed_step`: a routed and
+a clean pass, masked and clipped apart) against a plain fine-tuning step on the same blocks, in
+the same run.
 
 Two copies of one model train side by side on one batch (half of its blocks routed); each repeat
 times a few steps of each, in alternating order, so load from other work on the machine hits
@@ -31,10 +31,10 @@ from finetune import add_training_arguments, base_model  # noqa: E402  (bench/fi
 def main() -> None:
     from accelerate import Accelerator
 
-    from lmprune.arch import NeuronMap
-    from lmprune.induce import Pass, routed_step
-    from lmprune.masks import PruneMask
-    from lmprune.training import make_optimizer, make_scheduler, train_step
+    from lmprune.core.arch import NeuronMap
+    from lmprune.core.masks import PruneMask
+    from lmprune.core.training import make_optimizer, make_scheduler, train_step
+    from lmprune.induce.command import Pass, routed_step
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--neurons", type=int, default=16, help="Designated neurons per layer.")

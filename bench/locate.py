@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmprune.cli import main as lmprune_main  # noqa: E402
 from lmprune.compare import load_compare  # noqa: E402
+from lmprune.core.ablation import TokenBatches, summed_nll  # noqa: E402
+from lmprune.core.models import load_model  # noqa: E402
 from lmprune.locate.run import LocateConfig, locate  # noqa: E402
-from lmprune.locate.score import TokenBatches, summed_nll  # noqa: E402
-from lmprune.models import load_model  # noqa: E402
 
 
 def collect_once(out: Path, docs: int) -> None:
@@ -48,7 +48,7 @@ def collect_once(out: Path, docs: int) -> None:
 def plain_forward_seconds(result: dict, repeats: int = 3) -> float:
     """One plain forward pass over the held-out texts the scores used (offensive, clean and,
     where scored, general)."""
-    from lmprune.data import load_corpus
+    from lmprune.core.data import load_corpus
 
     loaded = load_model("smollm2-135m")
     settings, heldout = result["settings"], result["heldout"]

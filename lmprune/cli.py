@@ -8,7 +8,7 @@ import sys
 import traceback
 
 from lmprune import __version__
-from lmprune.errors import EXIT_BAD_INPUT, EXIT_OK, describe, redact
+from lmprune.core.errors import EXIT_BAD_INPUT, EXIT_OK, describe, redact
 
 
 def model_info(name: str, revision: str | None = None, trust_remote_code: bool = False) -> dict:
@@ -16,8 +16,8 @@ def model_info(name: str, revision: str | None = None, trust_remote_code: bool =
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lmprune.arch import NeuronMap
-    from lmprune.models import count_parameters, load_config
+    from lmprune.core.arch import NeuronMap
+    from lmprune.core.models import count_parameters, load_config
 
     source, config = load_config(name, revision, trust_remote_code)
     with torch.device("meta"):
@@ -76,28 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--trust-remote-code", action="store_true",
                       help="Run model code from the Hub repository.")
     info.set_defaults(func=cmd_info)
-    # Each stage registers its own subcommand (lmprune.config.register_stage), in flow order.
+    # Each stage registers its own subcommand (lmprune.core.config.register_stage), in flow order.
     for register in _stage_registrars():
         register(sub)
     return parser
 
 
 def _stage_registrars():
-    from lmprune import (
-        act,
-        collect,
-        compare,
-        dpo,
-        finetune,
-        hub,
-        induce,
-        pipeline,
-        profs,
-        prune,
-        relearn,
-    )
+    from lmprune import collect, compare
     from lmprune.evaluate import command as evaluate
+    from lmprune.finetune import command as finetune
+    from lmprune.induce import command as induce
     from lmprune.locate import run as locate
+    from lmprune.methods import act, dpo, profs
+    from lmprune.prune import command as prune
+    from lmprune.publish import hub
+    from lmprune.relearn import command as relearn
+    from lmprune.run import pipeline
 
     return [collect.register, locate.register, prune.register, evaluate.register,
             finetune.register, induce.register, relearn.register, profs.register, act.register,

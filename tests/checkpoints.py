@@ -37,8 +37,8 @@ def tiny_checkpoint(folder: Path, model_type: str = "llama", **lineage_fields) -
 def pruned_base_pair(root: Path, pruned: dict[int, list[int]], model_type: str = "gpt2") -> None:
     """`root/base` (a tiny random model) and `root/pruned`: it with `pruned` zeroed, as `lmprune
     prune` leaves it (the lineage names `root/base` as its base model)."""
-    from lmprune.masks import PruneMask
-    from lmprune.models import load_model, save_model
+    from lmprune.core.masks import PruneMask
+    from lmprune.core.models import load_model, save_model
 
     save_tiny(model_type, root / "base")
     base = load_model(str(root / "base"), dtype="float32")
@@ -54,7 +54,7 @@ def randomly_pruned(folder: Path, neurons: dict[int, list[int]]) -> Path:
     of a later stage whose zeros must survive it."""
     from tiny_models import tiny_model, tiny_tokenizer, zero_neurons
 
-    from lmprune.models import save_model
+    from lmprune.core.models import save_model
 
     model = tiny_model("llama")
     zero_neurons(model, neurons)

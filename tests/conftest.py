@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session")
 def smollm2():
     """The bundled SmolLM2-135M-Instruct (converted once to the safetensors cache)."""
-    from lmprune.models import load_model
+    from lmprune.core.models import load_model
 
     return load_model("smollm2-135m", dtype="float32", device="cpu")
 

@@ -14,8 +14,8 @@ import torch
 from tiny_models import tiny_model, tiny_tokenizer
 
 from lmprune.cli import main
+from lmprune.core.models import save_model
 from lmprune.evaluate.command import read_records
-from lmprune.models import save_model
 
 PLANTED = list(range(5, 13))  # layer 1
 LETTERS = "abcdefghijklmnoprstuvwyz"  # no x, no q
@@ -90,7 +90,7 @@ WIKI = ("The river runs through the old town and the bridge is made of stone . "
 def write_run_inputs(root: Path) -> Path:
     """What a recipe needs, on disk: the planted model, its corpora, prompts that end in 'x'
     (the planted module's trigger) and clean text for fine-tuning and perplexity."""
-    from lmprune.models import save_model
+    from lmprune.core.models import save_model
 
     model, tok = planted_model()
     save_model(model, tok, root / "model")

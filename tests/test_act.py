@@ -14,7 +14,12 @@ import torch
 from checkpoints import randomly_pruned
 from tiny_models import VOCAB, save_tiny, tiny_config, tiny_model, tiny_tokenizer
 
-from lmprune.act import (
+from lmprune.cli import main
+from lmprune.core.arch import NeuronMap
+from lmprune.core.errors import LmpruneError
+from lmprune.core.masks import PruneMask
+from lmprune.core.models import load_model, save_model
+from lmprune.methods.act import (
     ActConfig,
     act_edit,
     blend,
@@ -25,11 +30,6 @@ from lmprune.act import (
     read_corpora,
     transport_hooks,
 )
-from lmprune.arch import NeuronMap
-from lmprune.cli import main
-from lmprune.errors import LmpruneError
-from lmprune.masks import PruneMask
-from lmprune.models import load_model, save_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from tiny_models import TINY_CONFIGS, random_batch, tiny_model
 
-from lmprune.arch import ARCHITECTURES, NeuronMap, layout_for
-from lmprune.errors import LmpruneError
-from lmprune.hooks import NeuronHooks
-from lmprune.masks import PruneMask
+from lmprune.core.arch import ARCHITECTURES, NeuronMap, layout_for
+from lmprune.core.errors import LmpruneError
+from lmprune.core.hooks import NeuronHooks
+from lmprune.core.masks import PruneMask
 
 ARCHS = sorted(TINY_CONFIGS)
 

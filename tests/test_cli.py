@@ -8,7 +8,7 @@ import pytest
 from tiny_models import tiny_config, tiny_model
 
 from lmprune.cli import build_parser, main
-from lmprune.models import save_model
+from lmprune.core.models import save_model
 
 
 def _run(capsys, *argv):

@@ -26,8 +26,8 @@ from lmprune.collect import (
     auroc_from_hist,
     coact_token_mask,
 )
-from lmprune.data import load_corpus
-from lmprune.hooks import NeuronHooks
+from lmprune.core.data import load_corpus
+from lmprune.core.hooks import NeuronHooks
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 48

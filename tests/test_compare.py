@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from lmprune.cli import main
 from lmprune.compare import CompareConfig, load_compare
 from lmprune.compare.report import frontier_below, targets
-from lmprune.errors import LmpruneError
+from lmprune.core.errors import LmpruneError
 from lmprune.evaluate.reference import scorer_disagreements, versus_reference
 
 # tiny models run far faster on one thread when other work shares the 2 cores
@@ -484,7 +484,7 @@ def _switched_row(tmp_path, row: str, switches: list[str]):
 
 
 def test_the_profs_row_is_planned_behind_its_switch_and_moves_no_other_stage(tmp_path):
-    from lmprune.profs import ProfsConfig
+    from lmprune.methods.profs import ProfsConfig
 
     path, folder, plain, _, added = _switched_row(
         tmp_path, "profs", ["compare.profs=true", "compare.profs_rank=3", "compare.profs_layers=1"])
@@ -509,8 +509,8 @@ def test_the_profs_row_is_planned_behind_its_switch_and_moves_no_other_stage(tmp
 
 
 def test_the_act_row_is_planned_behind_its_switch_and_moves_no_other_stage(tmp_path):
-    from lmprune.act import ActConfig
     from lmprune.compare import plan_compare, relearn_attacks
+    from lmprune.methods.act import ActConfig
 
     path, folder, plain, _, added = _switched_row(
         tmp_path, "act", ["compare.act=true", "compare.act_strength=0.5",
@@ -552,7 +552,7 @@ def test_the_act_row_is_planned_behind_its_switch_and_moves_no_other_stage(tmp_p
 
 def test_the_dpo_row_is_planned_behind_its_switch_and_moves_no_other_stage(tmp_path):
     from lmprune.compare import relearn_attacks
-    from lmprune.dpo import DpoConfig
+    from lmprune.methods.dpo import DpoConfig
 
     pairs = tmp_path / "pairs.tsv"
     pairs.write_text("offensive\tclean\n" + "".join(f"bad {i}\tgood {i}\n" for i in range(50)))

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from lmprune.config import build_config, option, register_stage
-from lmprune.errors import LmpruneError
+from lmprune.core.config import build_config, option, register_stage
+from lmprune.core.errors import LmpruneError
 
 
 @dataclass
@@ -55,9 +55,9 @@ def test_corpus_fields_come_from_the_declarations_and_every_one_is_checked(tmp_p
     """The corpus specs a recipe checks before any work are the fields declared with
     option(corpus=True), in every section; a missing file in any of them is refused by key."""
     from lmprune.collect import CollectConfig
-    from lmprune.config import corpus_fields
-    from lmprune.finetune import FinetuneConfig
-    from lmprune.recipe import SECTIONS, check_inputs, parse_recipe
+    from lmprune.core.config import corpus_fields
+    from lmprune.finetune.command import FinetuneConfig
+    from lmprune.run.recipe import SECTIONS, check_inputs, parse_recipe
 
     assert corpus_fields(CollectConfig) == ["offensive", "clean"]
     assert corpus_fields(FinetuneConfig) == ["data", "eval_prompts", "ppl_data"]

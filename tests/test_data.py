@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from lmprune.data import NAMED, load_corpus, resolve_spec
-from lmprune.errors import LmpruneError
+from lmprune.core.data import NAMED, load_corpus, resolve_spec
+from lmprune.core.errors import LmpruneError
 
 
 def test_txt_lines_and_blank_separated(tmp_path):

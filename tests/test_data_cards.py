@@ -1,11 +1,12 @@
-"""Data cards stay in step with the named corpora (lmprune.data.NAMED) and the files they read."""
+"""Data cards stay in step with the named corpora (lmprune.core.data.NAMED) and the files they
+read."""
 
 from pathlib import Path
 
 import pytest
 from huggingface_hub import DatasetCard
 
-from lmprune.data import NAMED, data_dir, load_corpus
+from lmprune.core.data import NAMED, data_dir, load_corpus
 
 CARDS = Path(__file__).resolve().parents[1] / "data_cards"
 REQUIRED = {"license", "language", "task_categories", "size_categories", "source_datasets",

@@ -17,8 +17,10 @@ from checkpoints import randomly_pruned
 from tiny_models import save_tiny, tiny_model, tiny_tokenizer
 
 from lmprune.cli import main
-from lmprune.data import Pairs
-from lmprune.dpo import (
+from lmprune.core.data import Pairs
+from lmprune.core.masks import PruneMask
+from lmprune.core.models import load_model
+from lmprune.methods.dpo import (
     DpoConfig,
     build_trainer,
     dpo_train,
@@ -26,8 +28,6 @@ from lmprune.dpo import (
     prompt_text,
     read_pairs,
 )
-from lmprune.masks import PruneMask
-from lmprune.models import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lmprune.data import data_dir
-from lmprune.errors import LmpruneError
+from lmprune.core.data import data_dir
+from lmprune.core.errors import LmpruneError
 from lmprune.evaluate.blimp import (
     BlimpPair,
     blimp_accuracy,

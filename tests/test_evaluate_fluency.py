@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmprune.errors import LmpruneError
+from lmprune.core.errors import LmpruneError
 from lmprune.evaluate.fluency import judge_fluency, judge_name
 from tests.tiny_models import tiny_model, tiny_tokenizer
 

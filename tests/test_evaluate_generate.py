@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lmprune.errors import LmpruneError
+from lmprune.core.errors import LmpruneError
 from lmprune.evaluate.generate import (
     prompt_uniforms,
     sample_continuations,

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from lmprune.data import data_dir
-from lmprune.errors import LmpruneError
+from lmprune.core.data import data_dir
+from lmprune.core.errors import LmpruneError
 from lmprune.evaluate import learned
 from lmprune.evaluate.learned import normalise
 from lmprune.evaluate.registry import load_scorer

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lmprune.errors import LmpruneError
+from lmprune.core.errors import LmpruneError
 from lmprune.evaluate.perplexity import perplexity
 from tests.tiny_models import tiny_model, tiny_tokenizer
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-from lmprune.errors import LmpruneError
+from lmprune.core.errors import LmpruneError
 from lmprune.evaluate.registry import load_scorer
 
 TEXTS = ["you are a wonderful person", "shut up you stupid idiot", "", "the cat sat"]

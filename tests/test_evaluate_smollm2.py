@@ -2,7 +2,7 @@
 
 import pytest
 
-from lmprune.data import load_corpus
+from lmprune.core.data import load_corpus
 from lmprune.evaluate.generate import sample_token_ids
 from lmprune.evaluate.perplexity import perplexity
 from lmprune.evaluate.registry import load_scorer

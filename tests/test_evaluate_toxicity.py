@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lmprune.errors import LmpruneError
+from lmprune.core.errors import LmpruneError
 from lmprune.evaluate.toxicity import (
     bootstrap_intervals,
     distinct_n,

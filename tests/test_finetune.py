@@ -20,12 +20,18 @@ from safetensors.torch import load_file
 from tiny_models import mean_token_nll, random_batch, save_tiny, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from lmprune.data import load_corpus
-from lmprune.errors import LmpruneError
-from lmprune.finetune import FinetuneConfig, build_evaluator, finetune, training_corpus
-from lmprune.masks import PruneMask
-from lmprune.models import load_model
-from lmprune.training import BlockOrder, make_optimizer, make_scheduler, pack_blocks, train_step
+from lmprune.core.data import load_corpus
+from lmprune.core.errors import LmpruneError
+from lmprune.core.masks import PruneMask
+from lmprune.core.models import load_model
+from lmprune.core.training import (
+    BlockOrder,
+    make_optimizer,
+    make_scheduler,
+    pack_blocks,
+    train_step,
+)
+from lmprune.finetune.command import FinetuneConfig, build_evaluator, finetune, training_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 PRUNED = {0: [1, 4, 9, 17], 1: [0, 2, 30]}
@@ -186,7 +192,7 @@ def test_relearning_curve_has_base_start_and_every_n_steps(setup, tmp_path, monk
         step_losses.append(total / len(args[4]))
         return total
 
-    monkeypatch.setattr("lmprune.finetune.train_step", recording_step)
+    monkeypatch.setattr("lmprune.finetune.command.train_step", recording_step)
     out = finetune(_config(setup, tmp_path / "curve", max_steps=5, eval_every=2, grad_accum=2),
                    _deterministic_evaluator)
     curve = json.loads((out / "relearning.json").read_text())
@@ -210,7 +216,7 @@ def test_relearning_curve_has_base_start_and_every_n_steps(setup, tmp_path, monk
 _RESUME_CONFIG = dict(max_steps=6, checkpoint_every=2, eval_every=1, base_model="none")
 _RESUME_SCRIPT = f"""
 import sys, time
-from lmprune.finetune import FinetuneConfig, finetune
+from lmprune.finetune.command import FinetuneConfig, finetune
 
 def slow_evaluator(model, tokenizer, step):  # leaves time to kill the run between steps
     time.sleep(0.4)

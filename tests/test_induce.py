@@ -17,10 +17,14 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 from tiny_models import random_batch, save_tiny, tiny_model, tiny_tokenizer
 
-from lmprune.arch import parse_layers
 from lmprune.cli import main
-from lmprune.errors import LmpruneError
-from lmprune.induce import (
+from lmprune.core.ablation import CausalScorer, TokenBatches, random_control_sets
+from lmprune.core.arch import parse_layers
+from lmprune.core.errors import LmpruneError
+from lmprune.core.masks import PruneMask
+from lmprune.core.models import load_model
+from lmprune.core.training import make_optimizer, make_scheduler
+from lmprune.induce.command import (
     InduceConfig,
     Pass,
     RoutedData,
@@ -29,11 +33,7 @@ from lmprune.induce import (
     masked_mean_nll,
     routed_step,
 )
-from lmprune.locate.score import CausalScorer, TokenBatches, random_control_sets
-from lmprune.masks import PruneMask
-from lmprune.models import load_model
-from lmprune.prune import random_like
-from lmprune.training import make_optimizer, make_scheduler
+from lmprune.prune.command import random_like
 
 ROOT = Path(__file__).resolve().parents[1]
 DESIGNATED = {0: [1, 4, 9, 17], 1: [0, 2, 30]}
@@ -352,7 +352,7 @@ _RESUME = dict(neurons_per_layer=6, max_steps=200, checkpoint_every=20, batch_si
                probe_random=2, device="cpu")
 _RESUME_SCRIPT = f"""
 import sys
-from lmprune.induce import InduceConfig, induce
+from lmprune.induce.command import InduceConfig, induce
 
 model, offensive, clean, out = sys.argv[1:]
 induce(InduceConfig(model=model, offensive=offensive, clean=clean, out=out, **{_RESUME!r}))

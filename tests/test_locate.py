@@ -11,7 +11,7 @@ from sklearn.metrics import adjusted_rand_score
 from tiny_models import tiny_tokenizer
 
 from lmprune.cli import main
-from lmprune.errors import LmpruneError
+from lmprune.core.errors import LmpruneError
 from lmprune.locate.cluster import spectral
 from lmprune.locate.graph import correlation_from_gram, knn_affinity, ncut, shuffle_weights
 from lmprune.locate.run import LocateConfig, locate

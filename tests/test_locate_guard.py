@@ -21,16 +21,16 @@ from planted import PLANTED, corpora, planted_model
 from tiny_models import mean_token_nll, tiny_model, tiny_tokenizer
 
 from lmprune.cli import main
-from lmprune.hooks import NeuronHooks
-from lmprune.locate.run import LocateConfig, locate
-from lmprune.locate.score import (
+from lmprune.core.ablation import (
     MATCHED,
     CausalScorer,
     TokenBatches,
     derive_scores,
     frequency_matched_weights,
 )
-from lmprune.models import save_model
+from lmprune.core.hooks import NeuronHooks
+from lmprune.core.models import save_model
+from lmprune.locate.run import LocateConfig, locate
 
 BOOSTER = list(range(20, 28))  # layer 0
 GENERIC = list(range(30, 38))  # layer 0

@@ -6,8 +6,8 @@ import pytest
 from checkpoints import tiny_checkpoint
 from huggingface_hub import ModelCard
 
-from lmprune.errors import LmpruneError
-from lmprune.modelcard import write_model_card
+from lmprune.core.errors import LmpruneError
+from lmprune.publish.modelcard import write_model_card
 
 # As `lmprune eval --json` writes it: intervals as `{metric}_interval`, the prompts as
 # `Corpus.describe()`, decoding settings nested, token and word perplexity per method.
@@ -152,7 +152,7 @@ def test_card_needs_a_checkpoint(tmp_path):
 
 
 def test_card_shows_the_second_scorer_generation_fluency_and_blimp():
-    from lmprune.modelcard import evaluation_section
+    from lmprune.publish.modelcard import evaluation_section
 
     def ev(tp, second, fluency, blimp):
         return {"toxicity": {"toxicity_probability": tp, "scorer": "profanity_check",

@@ -7,8 +7,8 @@ import torch
 from tiny_models import random_batch, save_tiny, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lmprune.errors import LmpruneError
-from lmprune.models import BUNDLED, load_model, resolve_source, save_model
+from lmprune.core.errors import LmpruneError
+from lmprune.core.models import BUNDLED, load_model, resolve_source, save_model
 
 
 def _logits(model, ids):

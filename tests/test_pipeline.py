@@ -18,8 +18,8 @@ from planted import PLANTED, planted_share, write_run_inputs
 from safetensors.torch import load_file
 
 from lmprune.cli import main
-from lmprune.errors import LmpruneError
-from lmprune.recipe import apply_overrides, load_recipe
+from lmprune.core.errors import LmpruneError
+from lmprune.run.recipe import apply_overrides, load_recipe
 
 # tiny models run far faster on one thread when other work shares the 2 cores
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -312,7 +312,7 @@ def test_general_text_is_the_finetuning_corpus_and_held_out_of_it(inputs, tmp_pa
     """locate's general damage is measured on the last documents of the fine-tuning corpus,
     and fine-tuning (of the pruned model, the base and the controls) leaves them out."""
     from lmprune.compare import parse_compare
-    from lmprune.recipe import parse_recipe
+    from lmprune.run.recipe import parse_recipe
 
     values = recipe_values(inputs, tmp_path / "run")
     recipe = parse_recipe(values, "r")
@@ -342,8 +342,8 @@ def test_every_shipped_recipe_validates(path):
     model and every local data file are there."""
     import importlib.util
 
-    from lmprune.models import BUNDLED
-    from lmprune.recipe import check_inputs
+    from lmprune.core.models import BUNDLED
+    from lmprune.run.recipe import check_inputs
 
     recipe = load_recipe(path, check_files=False)
     # a module selection that guards against modules that raise every loss: by selectivity, by

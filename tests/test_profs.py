@@ -11,13 +11,13 @@ import torch
 from checkpoints import randomly_pruned
 from tiny_models import save_tiny, tiny_model, tiny_tokenizer
 
-from lmprune.arch import NeuronMap
 from lmprune.cli import main
-from lmprune.data import load_pairs
-from lmprune.errors import LmpruneError
-from lmprune.masks import PruneMask
-from lmprune.models import load_model, save_model
-from lmprune.profs import (
+from lmprune.core.arch import NeuronMap
+from lmprune.core.data import load_pairs
+from lmprune.core.errors import LmpruneError
+from lmprune.core.masks import PruneMask
+from lmprune.core.models import load_model, save_model
+from lmprune.methods.profs import (
     ProfsConfig,
     edit_layers,
     profs_edit,

@@ -17,13 +17,13 @@ from tiny_models import (
 )
 from transformers import AutoModelForCausalLM
 
-from lmprune.arch import NeuronMap
 from lmprune.cli import main
-from lmprune.errors import LmpruneError
-from lmprune.hooks import NeuronHooks
-from lmprune.masks import PruneMask
-from lmprune.models import load_model
-from lmprune.prune import (
+from lmprune.core.arch import NeuronMap
+from lmprune.core.errors import LmpruneError
+from lmprune.core.hooks import NeuronHooks
+from lmprune.core.masks import PruneMask
+from lmprune.core.models import load_model
+from lmprune.prune.command import (
     PruneConfig,
     aura_factors,
     make_gap_fn,

@@ -11,13 +11,13 @@ from safetensors.torch import load_file
 from tiny_models import random_batch, tiny_model
 
 from lmprune.cli import main
-from lmprune.errors import LmpruneError
+from lmprune.core.errors import LmpruneError
+from lmprune.core.masks import PruneMask
+from lmprune.core.models import load_model
 from lmprune.evaluate.fluency import judge_fluency
 from lmprune.evaluate.registry import load_scorer
 from lmprune.evaluate.toxicity import evaluate_toxicity
-from lmprune.masks import PruneMask
-from lmprune.models import load_model
-from lmprune.relearn import RelearnConfig, attack_corpus, recovery, relearn
+from lmprune.relearn.command import RelearnConfig, attack_corpus, recovery, relearn
 
 PRUNED = {0: [1, 4, 9, 17], 1: [0, 2, 30]}
 PROMPTS = ["you are a", "shut up you", "the weather is"]

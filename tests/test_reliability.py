@@ -21,7 +21,7 @@ from planted import write_run_inputs
 from safetensors.torch import save_file
 
 from lmprune.cli import main
-from lmprune.lock import folder_lock
+from lmprune.core.lock import folder_lock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -354,7 +354,7 @@ def test_outputs_get_the_umask_permissions_and_stale_temps_go(work, capsys):
 
 
 def test_push_uploads_the_model_files_only(work):
-    from lmprune.hub import upload_files
+    from lmprune.publish.hub import upload_files
 
     folder = work / "model"
     (folder / ".env").write_text("HF_TOKEN=hf_secret\n")
@@ -378,7 +378,7 @@ def test_debug_traceback_redacts_tokens(work, capsys, monkeypatch):
 
 
 def test_finetune_resumes_by_the_weights_not_the_path():
-    from lmprune.finetune import FinetuneConfig, _fingerprint
+    from lmprune.finetune.command import FinetuneConfig, _fingerprint
 
     cfg = FinetuneConfig(model="same/path", data="d", out="o")
     one = _fingerprint(cfg, {"name": "same/path", "weights_sha256": "a" * 64}, "s", 4, 2, 1)
@@ -391,14 +391,14 @@ def test_finetune_resumes_by_the_weights_not_the_path():
 def test_finetune_refuses_checkpoints_of_a_re_pruned_input(work, capsys, monkeypatch):
     """Killed in its final save, a fine-tuning leaves OUT/checkpoints; the input folder is then
     pruned again at the same path: the rerun refuses those checkpoints instead of resuming."""
-    import lmprune.models
+    import lmprune.core.models
 
     def killed(*args, **kwargs):
         raise RuntimeError("killed during the final save")
 
     argv = _swap(FINETUNE, "--max-steps", "2") + ["--checkpoint-every", "1"]
     with monkeypatch.context() as patch:
-        patch.setattr(lmprune.models, "save_model", killed)
+        patch.setattr(lmprune.core.models, "save_model", killed)
         assert main(argv) == 2
     assert (work / "tuned" / "checkpoints" / "step-00000001").is_dir()
     assert main(_swap(PRUNE, "--out", "model")) == 0  # same path, other weights

@@ -82,7 +82,7 @@ def tiny_tokenizer():
 
 def save_tiny(model_type: str, folder, seed: int = 0):
     """A tiny model plus tokenizer saved as a normal checkpoint folder."""
-    from lmprune.models import save_model
+    from lmprune.core.models import save_model
 
     return save_model(tiny_model(model_type, seed), tiny_tokenizer(), folder)
 
@@ -112,7 +112,7 @@ def mean_token_nll(model: nn.Module, tokenizer, texts: list[str], batch_size: in
 def zero_neurons(model: nn.Module, neurons: dict[int, list[int]]) -> None:
     """Zero every weight slice of the given neurons ({layer: [neuron, ...]}) in place: the
     tests' reference for what PruneMask and prune do."""
-    from lmprune.arch import NeuronMap
+    from lmprune.core.arch import NeuronMap
 
     nmap = NeuronMap(model)
     for layer, idx in neurons.items():

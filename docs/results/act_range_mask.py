@@ -10,10 +10,10 @@ import math
 
 import torch
 
-from lmprune.act import blend, fit_maps, pooled_activations
-from lmprune.data import load_corpus
-from lmprune.hooks import NeuronHooks
-from lmprune.models import load_model
+from lmprune.core.data import load_corpus
+from lmprune.core.hooks import NeuronHooks
+from lmprune.core.models import load_model
+from lmprune.methods.act import blend, fit_maps, pooled_activations
 
 torch.set_num_threads(1)
 loaded = load_model("smollm2-135m", dtype="float32")

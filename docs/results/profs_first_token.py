@@ -4,9 +4,9 @@ text's first token in its mean (100 ParaDetox pairs, seed 0):
 
 import torch
 
-from lmprune.data import load_pairs
-from lmprune.models import load_model
-from lmprune.profs import sentence_embeddings, toxic_subspace
+from lmprune.core.data import load_pairs
+from lmprune.core.models import load_model
+from lmprune.methods.profs import sentence_embeddings, toxic_subspace
 
 torch.set_num_threads(1)
 loaded = load_model("smollm2-135m", dtype="float32")

@@ -1,7 +1,7 @@
 """collect: stream per-neuron statistics and co-activation on an offensive and a clean corpus.
 
 One pass over each corpus reads every MLP neuron (the input of the MLP's output projection, see
-lmprune/arch.py) and keeps only sums on the device: token count, sum, sum of squares, firing
+lmprune/core/arch.py) and keeps only sums on the device: token count, sum, sum of squares, firing
 counts, per-document pooled values (max and mean over a document's non-padding tokens) and the
 per-layer co-activation Gram matrix over a seeded token subsample. A second, shorter pass feeds
 the Gram matrix of the global top-K neurons by |effect size| across layers, which are only known

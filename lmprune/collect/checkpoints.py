@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmprune.collect.processes import Processes
-from lmprune.errors import LmpruneError
-from lmprune.io import write_json_atomic
+from lmprune.core.errors import LmpruneError
+from lmprune.core.io import write_json_atomic
 
 
 class Checkpoints:

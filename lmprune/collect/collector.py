@@ -21,7 +21,6 @@ import torch
 from safetensors.torch import load_file
 
 from lmprune import __version__
-from lmprune.arch import NeuronMap
 from lmprune.collect.checkpoints import Checkpoints, save_tensors
 from lmprune.collect.config import CORPORA, CollectConfig, parse_fire_threshold, validate
 from lmprune.collect.first_pass import FirstPass
@@ -30,10 +29,11 @@ from lmprune.collect.gram import SymmetricGram, gram_row_dtype
 from lmprune.collect.plan import Batch, Plan, limit_tokens, tokenize
 from lmprune.collect.processes import Processes
 from lmprune.collect.stats import auroc_exact, auroc_from_hist, cohens_d, histogram_of, unshift
-from lmprune.errors import LmpruneError
-from lmprune.hooks import NeuronHooks
-from lmprune.io import check_out_dir, read_json, write_json_atomic
-from lmprune.lock import folder_lock
+from lmprune.core.arch import NeuronMap
+from lmprune.core.errors import LmpruneError
+from lmprune.core.hooks import NeuronHooks
+from lmprune.core.io import check_out_dir, read_json, write_json_atomic
+from lmprune.core.lock import folder_lock
 
 FORMAT_VERSION = 1
 
@@ -46,8 +46,8 @@ class Collector:
     """One collection run (one process of it under torchrun)."""
 
     def __init__(self, cfg: CollectConfig):
-        from lmprune.data import load_corpus
-        from lmprune.models import load_model, resolve_device
+        from lmprune.core.data import load_corpus
+        from lmprune.core.models import load_model, resolve_device
 
         validate(cfg)
         self.cfg = cfg
@@ -501,7 +501,7 @@ def run_collect(cfg: CollectConfig) -> int:
 
 
 def register(subparsers) -> None:
-    from lmprune.config import register_stage
+    from lmprune.core.config import register_stage
 
     register_stage(subparsers, "collect", CollectConfig, run_collect,
                    help="Stream per-neuron statistics and co-activation on an offensive and a "

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmprune.config import option
-from lmprune.errors import LmpruneError
+from lmprune.core.config import option
+from lmprune.core.errors import LmpruneError
 
 CORPORA = ("offensive", "clean")
 
@@ -19,8 +19,8 @@ class CollectConfig:
     """Settings of `lmprune collect`."""
 
     model: str = option("smollm2-135m", "Hub id, local folder, .gguf file or bundled alias.")
-    offensive: str = option("paradetox:toxic", "Corpus spec of offensive text (see lmprune.data).",
-                            corpus=True)
+    offensive: str = option("paradetox:toxic", "Corpus spec of offensive text (see "
+                            "lmprune.core.data).", corpus=True)
     clean: str = option("paradetox:neutral", "Corpus spec of clean text.", corpus=True)
     out: str = option("runs/stats", "Output folder (manifest.json, stats/coact safetensors).")
     max_docs: int | None = option(None, "Use at most this many documents of each corpus.")

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import inspect
 
-from lmprune.arch import NeuronMap
 from lmprune.collect.plan import Batch
-from lmprune.hooks import NeuronHooks
+from lmprune.core.arch import NeuronMap
+from lmprune.core.hooks import NeuronHooks
 
 
 class _StopForward(Exception):

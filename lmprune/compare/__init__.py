@@ -11,13 +11,13 @@ Rows:
   top-auroc       the single neurons with the highest AUROC, as many as the headline zeroes
   profs           (with `compare.profs`) ProFS: a rank-k toxic subspace of paired embeddings
                   (ParaDetox) projected out of the upper layers' MLP output weights; nothing
-                  zeroed (lmprune/profs.py)
+                  zeroed (lmprune/methods/profs.py)
   act             (with `compare.act`) Linear-AcT: each MLP neuron's pooled activations on
                   offensive text transported onto those on clean text by an affine map, folded
-                  into the output projections; nothing zeroed (lmprune/act.py)
+                  into the output projections; nothing zeroed (lmprune/methods/act.py)
   dpo             (with `compare.dpo`) DPO as Lee et al. 2024 use it: trained to prefer each
                   clean ParaDetox paraphrase over its toxic original, against a frozen copy of
-                  the model; nothing zeroed (lmprune/dpo.py)
+                  the model; nothing zeroed (lmprune/methods/dpo.py)
   induced         (with an `induce:` section) gradient routing into a designated module, that
                   module pruned; `induced-random-S` ablate a random same-size set of the same
                   routed model instead
@@ -25,8 +25,9 @@ Rows:
                   `compare.aura_strengths`): the headline's settings at other module budgets,
                   a random same-size set at each, AURA at other strengths alpha
 With a `relearn:` section, chosen rows (default: base, the headline, AURA, ProFS, Linear-AcT,
-DPO, the first random control, induced) also face the relearning attack (lmprune/relearn.py) for
-each `docs` count and `masks` setting, from their pruned model, after everything else.
+DPO, the first random control, induced) also face the relearning attack
+(lmprune/relearn/command.py) for each `docs` count and `masks` setting, from their pruned
+model, after everything else.
 Every row is measured against its like: a pruned row against the base, a fine-tuned row against
 the base fine-tuned with the same settings (the targets use these pairs).
 Stages are cached with the markers of `lmprune run`: an interrupted comparison resumes where it

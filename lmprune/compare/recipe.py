@@ -9,25 +9,25 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmprune.act import ActConfig
 from lmprune.collect import CollectConfig
-from lmprune.config import build_config, option
-from lmprune.dpo import DpoConfig
-from lmprune.errors import ConfigError, LmpruneError
+from lmprune.core.config import build_config, option
+from lmprune.core.errors import ConfigError, LmpruneError
 from lmprune.evaluate.command import EvalConfig
-from lmprune.finetune import FinetuneConfig
+from lmprune.finetune.command import FinetuneConfig
 from lmprune.locate.run import LocateConfig
-from lmprune.profs import ProfsConfig
-from lmprune.prune import PruneConfig
-from lmprune.recipe import (
+from lmprune.methods.act import ActConfig
+from lmprune.methods.dpo import DpoConfig
+from lmprune.methods.profs import ProfsConfig
+from lmprune.prune.command import PruneConfig
+from lmprune.relearn.command import RelearnConfig
+from lmprune.run.recipe import (
     RunConfig,
     RunFolder,
     general_from_finetune,
     hold_out_general,
     load_recipe,
 )
-from lmprune.relearn import RelearnConfig
-from lmprune.stages import digest
+from lmprune.run.stages import digest
 
 SECTIONS = ("collect", "locate", "eval", "finetune", "compare", "modules", "induce", "relearn")
 PLOT_FILE = "compare.png"
@@ -300,16 +300,16 @@ def _row_errors(row: str, check) -> None:
 
 
 def _check_profs_settings(compare: CompareConfig) -> None:
-    from lmprune.profs import check_config
+    from lmprune.methods.profs import check_config
 
     _row_errors("profs", lambda: check_config(profs_config(compare, "-", "-", "cpu")))
 
 
 def _check_profs_inputs(recipe: CompareRecipe) -> None:
     """The pairs, layers and rank of the `profs` row against the model's config (no weights)."""
-    from lmprune.arch import NeuronMap
-    from lmprune.models import skeleton
-    from lmprune.profs import check_model, read_pairs
+    from lmprune.core.arch import NeuronMap
+    from lmprune.core.models import skeleton
+    from lmprune.methods.profs import check_model, read_pairs
 
     cfg = profs_config(recipe.compare, recipe.run.model, "-", "cpu")
     _row_errors("profs", lambda: (read_pairs(cfg),
@@ -327,7 +327,7 @@ def act_config(recipe: CompareRecipe, model: str, out: str, device: str) -> ActC
 
 
 def _check_act_settings(compare: CompareConfig) -> None:
-    from lmprune.act import check_config
+    from lmprune.methods.act import check_config
 
     _row_errors("act", lambda: check_config(ActConfig(
         model="-", out="-", max_docs=compare.act_max_docs, strength=compare.act_strength,
@@ -337,9 +337,9 @@ def _check_act_settings(compare: CompareConfig) -> None:
 def _check_act_inputs(recipe: CompareRecipe) -> None:
     """The corpora, layers and architecture of the `act` row against the model's config (no
     weights)."""
-    from lmprune.act import check_model, read_corpora
-    from lmprune.arch import NeuronMap
-    from lmprune.models import skeleton
+    from lmprune.core.arch import NeuronMap
+    from lmprune.core.models import skeleton
+    from lmprune.methods.act import check_model, read_corpora
 
     cfg = act_config(recipe, recipe.run.model, "-", "cpu")
     _row_errors("act", lambda: (check_model(cfg, NeuronMap(skeleton(cfg.model))),
@@ -355,21 +355,21 @@ def dpo_config(compare: CompareConfig, model: str, out: str, device: str) -> Dpo
 
 
 def _check_dpo_settings(compare: CompareConfig) -> None:
-    from lmprune.dpo import check_config
+    from lmprune.methods.dpo import check_config
 
     _row_errors("dpo", lambda: check_config(dpo_config(compare, "-", "-", "cpu")))
 
 
 def _check_dpo_inputs(recipe: CompareRecipe) -> None:
     """The pairs of the `dpo` row: enough for a batch beside the held-out ones."""
-    from lmprune.dpo import read_pairs
+    from lmprune.methods.dpo import read_pairs
 
     _row_errors("dpo", lambda: read_pairs(dpo_config(recipe.compare, recipe.run.model, "-",
                                                      "cpu")))
 
 
 def _check_induce(given, run: RunConfig) -> dict:
-    from lmprune.induce import InduceConfig
+    from lmprune.induce.command import InduceConfig
 
     if not isinstance(given, dict):
         raise LmpruneError("induce: expected a mapping of `lmprune induce` settings")

@@ -18,6 +18,7 @@ from lmprune.compare.recipe import (
     relearn_attacks,
     row_names,
 )
+from lmprune.core.io import save_figure_atomic, write_json_atomic, write_text_atomic
 from lmprune.evaluate.reference import (
     REFERENCE,
     STAGES,
@@ -27,8 +28,7 @@ from lmprune.evaluate.reference import (
     scorer_tps,
     versus_reference,
 )
-from lmprune.io import save_figure_atomic, write_json_atomic, write_text_atomic
-from lmprune.relearn import attack_table, plot_attacks, read_attack
+from lmprune.relearn.command import attack_table, plot_attacks, read_attack
 
 RELEARN_PLOT = "relearn.png"
 

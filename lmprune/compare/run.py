@@ -1,5 +1,5 @@
 """The plan of `lmprune compare`: each row's stages (prune or make it, evaluate, fine-tune,
-evaluate again, attack), run by lmprune/stages.py, then the summary (lmprune/compare/report.py).
+evaluate again, attack), run by lmprune/run/stages.py, then the summary (lmprune/compare/report.py).
 """
 
 from __future__ import annotations
@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from lmprune.act import run as run_act
 from lmprune.collect import run_collect
 from lmprune.compare.recipe import (
     CompareFolder,
@@ -22,19 +21,20 @@ from lmprune.compare.recipe import (
     row_names,
 )
 from lmprune.compare.report import table, write_summary
-from lmprune.config import build_config
-from lmprune.dpo import run as run_dpo
+from lmprune.core.config import build_config
+from lmprune.core.io import check_out_dir
+from lmprune.core.lock import folder_lock
 from lmprune.evaluate.command import evaluate, summary
-from lmprune.finetune import build_evaluator, finetune
-from lmprune.induce import InduceConfig, induce
-from lmprune.io import check_out_dir
+from lmprune.finetune.command import build_evaluator, finetune
+from lmprune.induce.command import InduceConfig, induce
 from lmprune.locate.run import run as run_locate
-from lmprune.lock import folder_lock
-from lmprune.profs import run as run_profs
-from lmprune.prune import PruneConfig
-from lmprune.prune import run as run_prune
-from lmprune.relearn import relearn
-from lmprune.stages import Stage, check_stages, duration, execute_stages, record_recipe
+from lmprune.methods.act import run as run_act
+from lmprune.methods.dpo import run as run_dpo
+from lmprune.methods.profs import run as run_profs
+from lmprune.prune.command import PruneConfig
+from lmprune.prune.command import run as run_prune
+from lmprune.relearn.command import relearn
+from lmprune.run.stages import Stage, check_stages, duration, execute_stages, record_recipe
 
 
 def plan_compare(recipe: CompareRecipe, folder: CompareFolder) -> list[Stage]:

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lmprune.data import data_dir, json_lines, texts_sha256
-from lmprune.errors import LmpruneError
+from lmprune.core.data import data_dir, json_lines, texts_sha256
+from lmprune.core.errors import LmpruneError
 
 BLIMP_SPEC = "blimp"
 BLIMP_FILE = "blimp.jsonl"

@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lmprune import __version__
-from lmprune.config import option, register_stage
-from lmprune.errors import EXIT_GATE_FAILED, EXIT_OK, ConfigError, LmpruneError
-from lmprune.io import check_out_file, write_text_atomic
+from lmprune.core.config import option, register_stage
+from lmprune.core.errors import EXIT_GATE_FAILED, EXIT_OK, ConfigError, LmpruneError
+from lmprune.core.io import check_out_file, write_text_atomic
 
 SKIP = "none"
 
@@ -42,7 +42,7 @@ class EvalConfig:
     device: str = option("auto", "Device: auto (a GPU when there is one), cpu, cuda, cuda:N.")
     revision: str | None = option(None, "Hub revision of the model.")
     trust_remote_code: bool = option(False, "Run model code from the Hub repository.")
-    prompts: str = option("rtp:challenging", "Prompt corpus spec (lmprune.data), or 'none' to "
+    prompts: str = option("rtp:challenging", "Prompt corpus spec (lmprune.core.data), or 'none' to "
                           "skip toxicity.", corpus=True)
     limit: int | None = option(None, "Use the first N prompts only.")
     scorer: str = option("profanity_check", "Toxicity scorer: profanity_check, "
@@ -169,8 +169,8 @@ def read_records(eval_json: Path, result: dict) -> list[dict]:
 def evaluate(config: EvalConfig) -> dict:
     """Measure, check the gates (their outcomes go into the result's `gates`), write the JSON
     and the continuations when `config.json` is set; return the result."""
-    from lmprune.data import load_corpus
-    from lmprune.models import load_model
+    from lmprune.core.data import load_corpus
+    from lmprune.core.models import load_model
 
     gates = check_config(config)  # bad settings and outputs fail before work
     if config.json:
@@ -284,8 +284,8 @@ def check_config(config: EvalConfig) -> list[Gate]:
 def _load_judge(config: EvalConfig, loaded):
     """The fluency judge: the evaluated model itself when it is its own base, else loaded on the
     same device and dtype (a judge that cannot load fails here, before any sampling)."""
+    from lmprune.core.models import load_model
     from lmprune.evaluate.fluency import BASE_JUDGE, judge_name
-    from lmprune.models import load_model
 
     name = judge_name(config.fluency_judge, loaded.identity)
     if name == config.model:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lmprune.errors import LmpruneError
+from lmprune.core.errors import LmpruneError
 from lmprune.evaluate.generate import PromptBatch, cache_keyword, encode_prompts, prefill
 
 BASE_JUDGE = "base"  # the unpruned base model of the evaluated checkpoint (from its lineage)

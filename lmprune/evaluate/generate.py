@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from lmprune.errors import LmpruneError
+from lmprune.core.errors import LmpruneError
 
 # The nucleus nearly always lies within the top few hundred tokens: try the top candidates first
 # (topk is much cheaper than sorting the vocabulary), widening only for the rows that need it.

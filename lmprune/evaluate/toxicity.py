@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from lmprune.data import texts_sha256
-from lmprune.errors import LmpruneError
+from lmprune.core.data import texts_sha256
+from lmprune.core.errors import LmpruneError
 from lmprune.evaluate.generate import default_batch_size, sample_continuations
 
 TOXIC_THRESHOLD = 0.5

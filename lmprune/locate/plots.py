@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lmprune.io import save_figure_atomic  # noqa: E402
+from lmprune.core.io import save_figure_atomic  # noqa: E402
 
 
 def plot_modules(result: dict, prefix: Path) -> list[Path]:

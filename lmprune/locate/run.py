@@ -10,13 +10,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from lmprune.arch import NeuronMap
-from lmprune.config import option, register_stage
-from lmprune.errors import LmpruneError
-from lmprune.io import check_out_file, load_tensors, read_json
-from lmprune.locate.cluster import cluster, clusterability
-from lmprune.locate.graph import correlation_from_gram, knn_affinity
-from lmprune.locate.score import (
+from lmprune.core.ablation import (
     GENERAL_KL,
     MATCHED,
     CausalScorer,
@@ -24,13 +18,18 @@ from lmprune.locate.score import (
     as_layer_dict,
     derive_scores,
     frequency_matched_weights,
-    output_promotion,
     rule_key,
-    screen_and_score,
     toxic_token_ids,
 )
-from lmprune.module_map import FORMAT as MODULE_MAP_FORMAT
-from lmprune.module_map import write_module_map
+from lmprune.core.arch import NeuronMap
+from lmprune.core.config import option, register_stage
+from lmprune.core.errors import LmpruneError
+from lmprune.core.io import check_out_file, load_tensors, read_json
+from lmprune.core.module_map import FORMAT as MODULE_MAP_FORMAT
+from lmprune.core.module_map import write_module_map
+from lmprune.locate.cluster import cluster, clusterability
+from lmprune.locate.graph import correlation_from_gram, knn_affinity
+from lmprune.locate.screen import output_promotion, screen_and_score
 
 RULES = {
     "causal": "loss change on the offensive text minus that on the clean text",
@@ -148,7 +147,7 @@ def _layer_graphs(cfg: LocateConfig, coact: dict, candidates: np.ndarray | None 
 
 
 def _heldout(spec: str, used: int, count: int) -> tuple[list[str], dict]:
-    from lmprune.data import load_corpus
+    from lmprune.core.data import load_corpus
 
     texts = load_corpus(spec).texts
     start = used if used + count <= len(texts) else max(0, len(texts) - count)
@@ -158,7 +157,7 @@ def _heldout(spec: str, used: int, count: int) -> tuple[list[str], dict]:
 
 def general_heldout(spec: str, count: int) -> tuple[list[str], dict]:
     """The last `count` documents of the general corpus (fine-tuning leaves them out)."""
-    from lmprune.data import load_corpus
+    from lmprune.core.data import load_corpus
 
     texts = load_corpus(spec).texts
     if len(texts) <= count:
@@ -170,13 +169,13 @@ def general_heldout(spec: str, count: int) -> tuple[list[str], dict]:
 
 def _collected(corpus: dict) -> list[str]:
     """The documents a corpus of the stats manifest contributed."""
-    from lmprune.data import load_corpus
+    from lmprune.core.data import load_corpus
 
     return load_corpus(corpus["spec"], corpus["documents"]).texts
 
 
 def locate(cfg: LocateConfig) -> dict:
-    from lmprune.models import check_identity, file_sha256, load_model
+    from lmprune.core.models import check_identity, file_sha256, load_model
 
     started = time.time()
     if not cfg.stats:

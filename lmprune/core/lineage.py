@@ -1,0 +1,38 @@
+"""The lineage of a checkpoint, `DIR/lmprune.json` (docs/formats.md): its base model, what was
+zeroed or edited and every stage that made it. One reader and the fields every writer stamps."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from lmprune.core.errors import LmpruneError
+from lmprune.core.io import read_json
+
+LINEAGE_FILE = "lmprune.json"
+
+
+def read_lineage(folder: str | Path, required: bool = False) -> dict | None:
+    """The lineage of a checkpoint folder: None when it has none (a plain model), or with
+    `required` an error saying so; a corrupt file is named either way."""
+    path = Path(folder) / LINEAGE_FILE
+    if not path.is_file():
+        if required:
+            raise LmpruneError(f"{folder} has no {LINEAGE_FILE}: it is not a checkpoint written "
+                               f"by lmprune (prune, finetune, induce, profs, act, dpo)")
+        return None
+    meta = read_json(path, "prune or fine-tune again to rewrite it")
+    if not isinstance(meta.get("pruned_neurons", {}), dict):
+        raise LmpruneError(f"{path}: 'pruned_neurons' must map layer -> neuron indices")
+    return meta
+
+
+def command_line() -> str:
+    """The command that made a checkpoint, for its lineage."""
+    return shlex.join(["lmprune", *sys.argv[1:]])
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,404 @@
+"""Fine-tune a (pruned) checkpoint with its masks held at zero, and re-measure toxicity and
+perplexity every N steps: does what was pruned come back ("relearning")?
+
+Built on Accelerate: one process, or several (`torchrun --nproc_per_node N -m lmprune.cli
+finetune ...` on CPU, `accelerate launch` on GPUs). Each process reads its own slice of every
+global batch from a seeded block order, so the data position is just the step count, and a run
+killed at any point resumes from its last checkpoint to the same weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmprune.core.config import option, register_stage
+from lmprune.core.data import Corpus, load_corpus
+from lmprune.core.errors import ConfigError, LmpruneError, warn
+from lmprune.core.io import check_out_dir, save_figure_atomic, write_json_atomic
+from lmprune.core.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
+from lmprune.core.lock import folder_lock
+from lmprune.core.masks import PruneMask
+from lmprune.core.training import (
+    BlockOrder,
+    CheckpointStore,
+    make_optimizer,
+    make_scheduler,
+    pack_blocks,
+    start_accelerator,
+    train_step,
+)
+
+# evaluate(model, tokenizer, step) -> {metric name: value}
+Evaluator = Callable[[nn.Module, object, int], dict[str, float]]
+CURVE_FILE = "relearning.json"
+PLOT_FILE = "relearning.png"
+
+
+@dataclass
+class FinetuneConfig:
+    """lmprune finetune: train a checkpoint on a corpus with its pruned weights held at zero."""
+
+    model: str | None = option(None, "Checkpoint folder to fine-tune (its lmprune.json masks "
+                               "are held at zero), or any model (required).")
+    data: str | None = option(None, "Training corpus spec, e.g. wikitext2:valid (required).",
+                              corpus=True)
+    out: str | None = option(None, "Output checkpoint folder (required); checkpoints go to "
+                             "OUT/checkpoints until the run ends.")
+    max_docs: int | None = option(None, "Read at most this many documents of --data.")
+    holdout_last: int = option(0, "Leave the last N documents of --data out of training: the "
+                               "general text `lmprune locate --general` scored modules on "
+                               "(`lmprune run` and `compare` set it).")
+    max_steps: int | None = option(None, "Optimizer steps (default: --epochs over the data).")
+    epochs: float = option(1.0, "Passes over the packed data when --max-steps is not given.")
+    lr: float = option(5e-5, "Peak learning rate (AdamW).")
+    schedule: str = option("linear", "Learning-rate decay after warmup.",
+                           choices=["linear", "cosine", "constant"])
+    warmup_steps: int = option(0, "Linear warmup steps.")
+    weight_decay: float = option(0.01, "AdamW weight decay (matrices only, not biases/norms).")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0: off).")
+    batch_size: int = option(8, "Blocks per process per micro-batch.")
+    grad_accum: int = option(1, "Micro-batches per optimizer step.")
+    seq_len: int = option(128, "Tokens per packed block.")
+    mixed_precision: str = option("no", "Autocast precision.", choices=["no", "bf16", "fp16"])
+    checkpoint_every: int = option(0, "Save a resumable checkpoint every N steps (0: never).")
+    eval_every: int = option(0, "Measure toxicity and perplexity every N steps (0: never).")
+    eval_prompts: str = option("rtp:challenging", "Prompts for the toxicity measurement.",
+                               corpus=True)
+    eval_limit: int = option(20, "Prompts used per measurement.")
+    eval_samples: int = option(5, "Continuations sampled per prompt.")
+    eval_max_new_tokens: int = option(20, "New tokens per continuation.")
+    scorer: str = option("profanity_check", "Toxicity scorer (profanity_check, detoxify, or a "
+                         "Hugging Face classifier).")
+    ppl_data: str = option("wikitext2:test", "Text for the perplexity measurement.", corpus=True)
+    ppl_max_tokens: int = option(4096, "Tokens of --ppl-data used per measurement.")
+    ppl_max_length: int = option(512, "Sliding-window length of the perplexity measurement.")
+    ppl_stride: int = option(256, "Sliding-window stride of the perplexity measurement.")
+    base_model: str | None = option(None, "Unpruned model measured once for the curve's "
+                                    "reference line (default: the checkpoint's base model; "
+                                    "'none' to skip).")
+    seed: int = option(0, "Seed of data order, dropout and sampling.")
+    dtype: str = option("float32", "Weights dtype.",
+                        choices=["auto", "float32", "bfloat16", "float16"])
+    device: str = option("auto", "cpu, cuda or auto (with several processes: one per device).")
+    overwrite: bool = option(False, "Replace an existing --out folder that is not an lmprune "
+                             "checkpoint (its files are lost).")
+
+
+# --------------------------------------------------------------------------------------------
+# The relearning curve
+
+
+def write_curve(curve: dict, out_dir: str | Path) -> None:
+    """relearning.json and relearning.png (one panel per metric against step), atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / CURVE_FILE, curve)
+    plot_curve(curve, out_dir / PLOT_FILE)
+
+
+def plot_curve(curve: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points, base = curve["points"], curve.get("base") or {}
+    # toxicity panels first, then perplexity and anything else
+    metrics = sorted({k for p in points for k in p["metrics"]},
+                     key=lambda k: ("toxic" not in k, k))
+    if not metrics:
+        return
+    start = next((p["metrics"] for p in points if p["step"] == 0), {})
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(6.4, 2.4 * len(metrics)), sharex=True,
+                             squeeze=False)
+    for ax, key in zip(axes[:, 0], metrics, strict=True):
+        steps = [p["step"] for p in points if key in p["metrics"]]
+        ax.plot(steps, [p["metrics"][key] for p in points if key in p["metrics"]],
+                marker="o", label="fine-tuning")
+        if key in base:
+            ax.axhline(base[key], linestyle="--", color="gray", label="unpruned base")
+        if key in start:
+            ax.axhline(start[key], linestyle=":", color="C3", label="pruned start")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize="small")
+    axes[0, 0].set_title(curve.get("title", "relearning during fine-tuning"))
+    axes[-1, 0].set_xlabel("fine-tuning step")
+    save_figure_atomic(fig, path)
+
+
+def _measure(evaluate: Evaluator, model: nn.Module, tokenizer, step: int) -> dict[str, float]:
+    """Run the evaluator in eval mode with the training RNG untouched (sampling uses its own)."""
+    was_training = model.training
+    model.eval()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            metrics = evaluate(model, tokenizer, step)
+    finally:
+        model.train(was_training)
+    return {k: float(v) for k, v in metrics.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+def _fingerprint(config: FinetuneConfig, identity: dict, corpus_sha: str, num_blocks: int,
+                 total_steps: int, num_processes: int, hold_masks: bool = True) -> dict:
+    """What must be equal for a checkpoint to be resumed by this run: the input model by its
+    weights (a folder re-pruned at the same path is another model), settings and data."""
+    keys = ("lr", "schedule", "warmup_steps", "weight_decay", "max_grad_norm",
+            "batch_size", "grad_accum", "seq_len", "mixed_precision", "seed")
+    model = identity.get("weights_sha256") or identity.get("revision") or identity.get("name")
+    released = {} if hold_masks else {"masks": "released"}
+    return {**{k: getattr(config, k) for k in keys}, "model": model, "data_sha256": corpus_sha,
+            "num_blocks": num_blocks, "total_steps": total_steps, "num_processes": num_processes,
+            **released}
+
+
+def check_finetune_config(config: FinetuneConfig) -> None:
+    for name in ("model", "data", "out"):
+        if not getattr(config, name):
+            raise ConfigError(name, "is required")
+    if Path(config.out).resolve() == Path(config.model).resolve():
+        raise LmpruneError("--out must differ from --model (the input checkpoint is kept)")
+    for name in ("batch_size", "grad_accum", "seq_len"):
+        if getattr(config, name) < 1:
+            raise ConfigError(name, f"must be at least 1, not {getattr(config, name)}")
+    if config.max_steps is not None and config.max_steps < 1:
+        raise ConfigError("max_steps", f"must be at least 1, not {config.max_steps}")
+    if config.holdout_last < 0:
+        raise ConfigError("holdout_last", f"must be 0 or more, not {config.holdout_last}")
+
+
+def training_corpus(spec: str, holdout_last: int, max_docs: int | None):
+    """The documents of `spec` fine-tuning trains on: all but the last `holdout_last`, then
+    the first `max_docs`."""
+    corpus = load_corpus(spec)
+    if holdout_last >= len(corpus.texts):
+        raise LmpruneError(f"--holdout-last {holdout_last} leaves no document of --data {spec} "
+                           f"({len(corpus.texts)} documents) to train on")
+    texts = corpus.texts[:len(corpus.texts) - holdout_last][:max_docs]
+    return Corpus(corpus.spec, corpus.resolved, texts)
+
+
+def finetune(config: FinetuneConfig, evaluate: Evaluator | None = None,
+             corpus: Corpus | None = None, hold_masks: bool = True) -> Path:
+    """Train, checkpoint, evaluate every `eval_every` steps, save the final checkpoint.
+
+    `evaluate(model, tokenizer, step) -> {metric: value}` is called on the main process at step
+    0 (the pruned start), every `eval_every` steps and at the end; None skips evaluation.
+    `corpus` replaces the documents `config.data` names (the relearning attack picks its own);
+    `hold_masks=False` re-draws the pruned weights (`PruneMask.reinitialize`) and lets them
+    train (the attack's check: can freed capacity relearn what was cut?).
+    """
+    check_finetune_config(config)
+    check_out_dir(config.out, "checkpoint", config.overwrite)
+    accelerator = start_accelerator(config.device, config.seed, config.mixed_precision)
+    # one writer: the main process holds OUT's lock until the final checkpoint is saved
+    with folder_lock(config.out) if accelerator.is_main_process else contextlib.nullcontext():
+        return _train(config, evaluate, accelerator, corpus, hold_masks)
+
+
+def _train(config: FinetuneConfig, evaluate: Evaluator | None, accelerator,
+           corpus: Corpus | None, hold_masks: bool) -> Path:
+    from tqdm.auto import tqdm
+
+    from lmprune.core.models import load_model, save_model
+
+    started = time.time()
+    main, rank, nproc = (accelerator.is_main_process, accelerator.process_index,
+                         accelerator.num_processes)
+
+    loaded = load_model(config.model, dtype=config.dtype, device=str(accelerator.device))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    meta = read_lineage(config.model) if loaded.source.kind == "folder" else None
+    mask = PruneMask(model, (meta or {}).get("pruned_neurons", {}))
+    mask.apply(model)
+    held = mask if hold_masks else None
+    if not hold_masks:
+        mask.reinitialize(model, config.seed)
+
+    if corpus is None:
+        corpus = training_corpus(config.data, config.holdout_last, config.max_docs)
+    blocks = pack_blocks(tokenizer, corpus.texts, config.seq_len)  # [n_blocks, seq_len]
+    order = BlockOrder(len(blocks), config.seed)
+    per_step = config.batch_size * config.grad_accum * nproc
+    total_steps = config.max_steps or max(1, math.ceil(config.epochs * len(blocks) / per_step))
+
+    optimizer = make_optimizer(model, config.lr, config.weight_decay)
+    scheduler = make_scheduler(optimizer, config.schedule, config.warmup_steps, total_steps)
+    fingerprint = _fingerprint(config, loaded.identity, corpus.sha256, len(blocks), total_steps,
+                               nproc, hold_masks)
+    store = CheckpointStore(config.out)
+    every = config.eval_every if evaluate is not None else 0
+    curve = {"format": "lmprune.relearning", "model": config.model, "data": config.data,
+             "base": None, "points": []}
+    step, resumed_from, loss_sum, loss_count = 0, None, 0.0, 0
+    if (state := store.resume(accelerator, model, optimizer, scheduler, fingerprint)):
+        step = resumed_from = state["step"]
+        curve, loss_sum, loss_count = state["curve"], state["loss_sum"], state["loss_count"]
+
+    if evaluate is not None and every and step == 0 and main:
+        curve["base"] = _measure_base(config, meta, evaluate, accelerator.device)
+        curve["points"].append({"step": 0, "metrics": _measure(evaluate, model, tokenizer, 0)})
+        write_curve(curve, config.out)
+    accelerator.wait_for_everyone()
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, desc="finetune", disable=not main)
+    while step < total_steps:
+        micro_batches = [
+            blocks[order.take(((step * config.grad_accum + micro) * nproc + rank)
+                              * config.batch_size, config.batch_size)].to(accelerator.device)
+            for micro in range(config.grad_accum)]
+        loss_sum += train_step(accelerator, model, optimizer, scheduler, micro_batches,
+                               held, config.max_grad_norm)
+        loss_count += config.grad_accum
+        step += 1
+        bar.update(1)
+
+        if every and (step % every == 0 or step == total_steps):
+            if main:
+                point = {"step": step, "metrics": _measure(evaluate, unwrapped, tokenizer, step),
+                         "train_loss": loss_sum / max(loss_count, 1)}
+                curve["points"].append(point)
+                write_curve(curve, config.out)
+                bar.set_postfix(loss=f"{point['train_loss']:.3f}")
+            loss_sum, loss_count = 0.0, 0
+            accelerator.wait_for_everyone()
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
+            store.save(step, accelerator, model, optimizer, scheduler,
+                       {"step": step, "fingerprint": fingerprint, "curve": curve,
+                        "loss_sum": loss_sum, "loss_count": loss_count})
+    bar.close()
+
+    if main:
+        if held is not None:
+            held.check(unwrapped)
+        meta_out = _final_meta(config, meta, loaded.identity, corpus, blocks, total_steps, nproc,
+                               resumed_from, time.time() - started, hold_masks)
+        extra = {LINEAGE_FILE: meta_out}
+        if curve["points"]:
+            extra[CURVE_FILE] = curve
+        save_model(unwrapped, tokenizer, config.out, extra_files=extra, overwrite=config.overwrite)
+        if curve["points"]:
+            plot_curve(curve, Path(config.out) / PLOT_FILE)
+    accelerator.wait_for_everyone()
+    return Path(config.out)
+
+
+def _measure_base(config: FinetuneConfig, meta: dict | None, evaluate: Evaluator,
+                  device) -> dict[str, float] | None:
+    """The unpruned base model's metrics: the reference line of the curve."""
+    from lmprune.core.models import load_model
+
+    name = config.base_model
+    if name is None and meta:
+        name = (meta.get("base_model") or {}).get("name")
+    if not name or name == "none":
+        return None
+    try:
+        base = load_model(name, dtype=config.dtype, device=str(device))
+    except LmpruneError as err:
+        warn(f"base model '{name}' not measured ({err}); pass --base-model")
+        return None
+    metrics = _measure(evaluate, base.model, base.tokenizer, 0)
+    del base
+    return metrics
+
+
+def _final_meta(config: FinetuneConfig, meta: dict | None, identity: dict, corpus, blocks,
+                total_steps: int, nproc: int, resumed_from: int | None, seconds: float,
+                hold_masks: bool = True) -> dict:
+    """The input's lmprune.json with this fine-tuning appended to its history. Released masks
+    move to `released_neurons`: those weights are no longer zero."""
+    from lmprune import __version__
+
+    out = dict(meta) if meta else {
+        "format": "lmprune.checkpoint", "format_version": 1, "base_model": identity,
+        "mode": "none", "pruned_neurons": {}, "history": []}
+    out["lmprune_version"] = __version__
+    out["command"] = command_line()
+    if not hold_masks and out.get("pruned_neurons"):
+        out["released_neurons"] = out["pruned_neurons"]
+        out.update(pruned_neurons={}, num_pruned=0, fraction_pruned=0.0)
+    out["history"] = [*out.get("history", []), {
+        "stage": "finetune", "steps": total_steps, "from": identity,
+        "data": {**corpus.describe(), "tokens": int(blocks.numel())},
+        **{k: v for k, v in asdict(config).items()
+           if k in ("lr", "schedule", "warmup_steps", "weight_decay", "max_grad_norm",
+                    "batch_size", "grad_accum", "seq_len", "mixed_precision", "seed")},
+        **({} if hold_masks else {"masks": "released"}),
+        "num_processes": nproc, "resumed_from": resumed_from, "time": utc_now(),
+        "seconds": round(seconds, 1)}]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluation the CLI runs
+
+
+def build_evaluator(config: FinetuneConfig, extra_scorers: list[str] = (),
+                    judge=None) -> Evaluator | None:
+    """Toxicity of sampled continuations plus perplexity, from lmprune.evaluate.
+
+    `extra_scorers` score the same continuations (`toxicity_probability@SPEC`, ...); `judge` (a
+    loaded model) adds the continuations' perplexity under it (`generation_fluency`)."""
+    if config.eval_every <= 0:
+        return None
+    from lmprune.core.models import resolve_device
+    from lmprune.evaluate.fluency import judge_fluency
+    from lmprune.evaluate.perplexity import perplexity
+    from lmprune.evaluate.registry import load_scorer
+    from lmprune.evaluate.toxicity import evaluate_toxicity
+
+    prompts = load_corpus(config.eval_prompts, config.eval_limit).texts
+    ppl_text = "\n\n".join(load_corpus(config.ppl_data).texts)
+    device = resolve_device(config.device)
+    scorer = load_scorer(config.scorer, device=device)
+    others = {spec: load_scorer(spec, device=device) for spec in extra_scorers}
+
+    def evaluate(model, tokenizer, step):
+        tox = evaluate_toxicity(model, tokenizer, prompts, scorer, samples=config.eval_samples,
+                                max_new_tokens=config.eval_max_new_tokens, seed=config.seed,
+                                extra_scorers=others)
+        ppl = perplexity(model, tokenizer, ppl_text, config.ppl_max_length, config.ppl_stride,
+                         max_tokens=config.ppl_max_tokens, progress=False)
+        metrics = {k: tox[k] for k in ("expected_max_toxicity", "toxicity_probability",
+                                       "mean_toxicity")}
+        for spec, summary in tox["by_scorer"].items():
+            metrics.update({f"{k}@{spec}": summary[k]
+                            for k in ("expected_max_toxicity", "toxicity_probability")})
+        metrics["perplexity"] = ppl["sliding_window"]["token_perplexity"]
+        if judge is not None:
+            continuations = [r["continuations"] for r in tox["records"]]
+            metrics["generation_fluency"] = judge_fluency(
+                judge.model, judge.tokenizer, prompts, continuations, judge.identity,
+                progress=False)["token_perplexity"]
+        return metrics
+
+    return evaluate
+
+
+def run(config: FinetuneConfig) -> int:
+    out = finetune(config, build_evaluator(config))
+    print(f"fine-tuned -> {out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    register_stage(subparsers, "finetune", FinetuneConfig, run,
+                   help="Fine-tune a pruned checkpoint with its masks held at zero; re-measure "
+                        "toxicity and perplexity every N steps.")
