@@ -76,27 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--trust-remote-code", action="store_true",
                       help="Run model code from the Hub repository.")
     info.set_defaults(func=cmd_info)
-    # Each stage registers its own subcommand (lmprune.core.config.register_stage), in flow order.
-    for register in _stage_registrars():
-        register(sub)
+    # one subcommand per registered stage, in flow order, then the recipes that chain them
+    from lmprune.compare import register as register_compare
+    from lmprune.run.pipeline import register as register_run
+    from lmprune.stages import STAGES
+
+    for spec in STAGES.values():
+        spec.register(sub)
+    register_run(sub)
+    register_compare(sub)
     return parser
-
-
-def _stage_registrars():
-    from lmprune import collect, compare
-    from lmprune.evaluate import command as evaluate
-    from lmprune.finetune import command as finetune
-    from lmprune.induce import command as induce
-    from lmprune.locate import run as locate
-    from lmprune.methods import act, dpo, profs
-    from lmprune.prune import command as prune
-    from lmprune.publish import hub
-    from lmprune.relearn import command as relearn
-    from lmprune.run import pipeline
-
-    return [collect.register, locate.register, prune.register, evaluate.register,
-            finetune.register, induce.register, relearn.register, profs.register, act.register,
-            dpo.register, pipeline.register, compare.register, hub.register]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from tiny_models import tiny_model, tiny_tokenizer
 
 from lmprune.cli import main
 from lmprune.core.models import save_model
-from lmprune.evaluate.command import read_records
+from lmprune.evaluate.results import read_records
 
 PLANTED = list(range(5, 13))  # layer 1
 LETTERS = "abcdefghijklmnoprstuvwyz"  # no x, no q

@@ -13,8 +13,8 @@ from tiny_models import tiny_tokenizer
 from lmprune.cli import main
 from lmprune.core.errors import LmpruneError
 from lmprune.locate.cluster import spectral
+from lmprune.locate.command import LocateConfig, locate
 from lmprune.locate.graph import correlation_from_gram, knn_affinity, ncut, shuffle_weights
-from lmprune.locate.run import LocateConfig, locate
 
 
 def test_correlation_from_gram_equals_corrcoef_and_masks_dead_neurons():

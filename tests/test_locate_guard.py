@@ -30,7 +30,7 @@ from lmprune.core.ablation import (
 )
 from lmprune.core.hooks import NeuronHooks
 from lmprune.core.models import save_model
-from lmprune.locate.run import LocateConfig, locate
+from lmprune.locate.command import LocateConfig, locate
 
 BOOSTER = list(range(20, 28))  # layer 0
 GENERIC = list(range(30, 38))  # layer 0

@@ -7,6 +7,7 @@ from checkpoints import tiny_checkpoint
 from huggingface_hub import ModelCard
 
 from lmprune.core.errors import LmpruneError
+from lmprune.core.module_map import write_module_map
 from lmprune.publish.modelcard import write_model_card
 
 # As `lmprune eval --json` writes it: intervals as `{metric}_interval`, the prompts as
@@ -136,10 +137,12 @@ def test_card_lists_the_corpora_of_the_module_map_it_came_from(tmp_path):
     """lmprune.json -> modules.json -> stats manifest: the collect corpora become `datasets`."""
     stats = tmp_path / "stats"
     stats.mkdir()
-    (stats / "manifest.json").write_text(json.dumps({"corpora": {
+    (stats / "manifest.json").write_text(json.dumps({"model": {}, "complete": True, "corpora": {
         "offensive": {"spec": "hf:someone/slurs?split=train&column=text"},
         "clean": {"spec": "rtp:nontoxic"}}}))
-    (tmp_path / "modules.json").write_text(json.dumps({"stats": {"path": str(stats)}}))
+    write_module_map(tmp_path / "modules.json", {
+        "model": {"model_type": "gpt2"}, "modules": [{"id": 1, "members": [[0, 1]]}],
+        "stats": {"path": str(stats)}})
     folder = tiny_checkpoint(tmp_path / "ck", history=[],
                              modules={"path": str(tmp_path / "modules.json"), "ids": [1]})
     data = ModelCard.load(write_model_card(folder)).data.to_dict()

@@ -163,8 +163,8 @@ def _stats(folder, auroc, model_type="gpt2"):
     folder.mkdir()
     save_file({"auroc": auroc.float()}, folder / "stats.safetensors")
     (folder / "manifest.json").write_text(json.dumps({
-        "format": "lmprune.stats", "model": {"model_type": model_type},
-        "num_layers": auroc.shape[0], "neurons_per_layer": auroc.shape[1]}))
+        "format": "lmprune.stats", "model": {"model_type": model_type}, "corpora": {},
+        "complete": True, "num_layers": auroc.shape[0], "neurons_per_layer": auroc.shape[1]}))
     return folder
 
 

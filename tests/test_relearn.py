@@ -17,7 +17,7 @@ from lmprune.core.models import load_model
 from lmprune.evaluate.fluency import judge_fluency
 from lmprune.evaluate.registry import load_scorer
 from lmprune.evaluate.toxicity import evaluate_toxicity
-from lmprune.relearn.command import RelearnConfig, attack_corpus, recovery, relearn
+from lmprune.finetune.relearn import RelearnConfig, attack_corpus, recovery, relearn
 
 PRUNED = {0: [1, 4, 9, 17], 1: [0, 2, 30]}
 PROMPTS = ["you are a", "shut up you", "the weather is"]

@@ -2,7 +2,7 @@
 
 import json
 
-from lmprune.publish.report import examples_section
+from lmprune.run.report import examples_section
 
 
 def _eval_files(folder, name, continuations, scores):

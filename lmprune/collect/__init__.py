@@ -26,12 +26,12 @@ The package, one module per concern, each importing only those above it in this 
   first_pass.py   FirstPass, the first pass's hook and per-process sums
   forward.py      hooks that stop the forward pass after the last layer read; forward_batch
   checkpoints.py  per-process checkpoints and their pointer; atomic safetensors writes
-  collector.py    the Collector (both passes, statistics, manifest), run_collect, register
+  collector.py    the Collector (both passes, statistics, manifest), run, STAGE, register
 
 Below: the names other modules and the tests import from `lmprune.collect`.
 """
 
-from lmprune.collect.collector import Collector, register, run_collect
+from lmprune.collect.collector import STAGE, Collector, register, run
 from lmprune.collect.config import CollectConfig
 from lmprune.collect.first_pass import FirstPass, _layer_sums
 from lmprune.collect.forward import forward_batch, stopping_hooks
@@ -41,6 +41,6 @@ from lmprune.collect.stats import auroc_from_hist
 
 __all__ = [
     "CollectConfig", "Collector", "FirstPass", "Plan", "SymmetricGram", "_layer_sums",
-    "auroc_from_hist", "coact_token_mask", "forward_batch", "register", "run_collect",
+    "STAGE", "auroc_from_hist", "coact_token_mask", "forward_batch", "register", "run",
     "stopping_hooks",
 ]

@@ -1,6 +1,6 @@
 """The Collector: one collection run (one process of it under torchrun): loading, calibration,
 the first pass over both corpora, the global Gram's second pass, the statistics and
-manifest.json; `run_collect` and `register`, the stage's entry points.
+manifest.json; `run` and `register`, the stage's entry points.
 
 The top of the package: it imports the other modules of it, and none of them imports it.
 """
@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +30,13 @@ from lmprune.collect.plan import Batch, Plan, limit_tokens, tokenize
 from lmprune.collect.processes import Processes
 from lmprune.collect.stats import auroc_exact, auroc_from_hist, cohens_d, histogram_of, unshift
 from lmprune.core.arch import NeuronMap
+from lmprune.core.config import StageSpec
 from lmprune.core.errors import LmpruneError
 from lmprune.core.hooks import NeuronHooks
 from lmprune.core.io import check_out_dir, read_json, write_json_atomic
 from lmprune.core.lock import folder_lock
+from lmprune.core.stats_folder import COACT_FILE, MANIFEST_FILE, STATS_FILE
+from lmprune.core.stats_folder import FILES as STATS_FILES
 
 FORMAT_VERSION = 1
 
@@ -382,9 +385,9 @@ class Collector:
     def run(self) -> int:
         cfg, procs = self.cfg, self.procs
         fingerprint = self._fingerprint()
-        manifest_path = self.out / "manifest.json"
+        manifest_path = self.out / MANIFEST_FILE
         if procs.main and not cfg.resume and self.out.exists():
-            for name in ("manifest.json", "stats.safetensors", "coact.safetensors"):
+            for name in STATS_FILES:
                 (self.out / name).unlink(missing_ok=True)
             shutil.rmtree(self.out / ".checkpoint", ignore_errors=True)
             shutil.rmtree(self.out / "pooled", ignore_errors=True)
@@ -427,8 +430,8 @@ class Collector:
         if procs.main:
             stats, layer_coact, auroc_info = self.statistics(reduced)
             coact.update(layer_coact)
-            save_tensors(self.out / "stats.safetensors", stats)
-            save_tensors(self.out / "coact.safetensors", coact)
+            save_tensors(self.out / STATS_FILE, stats)
+            save_tensors(self.out / COACT_FILE, coact)
             manifest = self._manifest(stats, coact, auroc_info, fingerprint, tokens_pass1,
                                       elapsed_pass1)
             write_json_atomic(manifest_path, manifest)
@@ -493,16 +496,16 @@ class Collector:
         }
 
 
-def run_collect(cfg: CollectConfig) -> int:
+def run(cfg: CollectConfig) -> int:
     check_out_dir(cfg.out, "stats", cfg.overwrite)
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun the first process writes
     with folder_lock(cfg.out) if main else contextlib.nullcontext(), torch.inference_mode():
         return Collector(cfg).run()
 
 
-def register(subparsers) -> None:
-    from lmprune.core.config import register_stage
-
-    register_stage(subparsers, "collect", CollectConfig, run_collect,
-                   help="Stream per-neuron statistics and co-activation on an offensive and a "
-                        "clean corpus.")
+STAGE = StageSpec(
+    "collect", CollectConfig, run,
+    help="Stream per-neuron statistics and co-activation on an offensive and a clean corpus.",
+    wired=("model", "resume"),
+    step=lambda cfg, resume: run(replace(cfg, resume=resume)))
+register = STAGE.register

@@ -26,7 +26,7 @@ Rows:
                   a random same-size set at each, AURA at other strengths alpha
 With a `relearn:` section, chosen rows (default: base, the headline, AURA, ProFS, Linear-AcT,
 DPO, the first random control, induced) also face the relearning attack
-(lmprune/relearn/command.py) for each `docs` count and `masks` setting, from their pruned
+(lmprune/finetune/relearn.py) for each `docs` count and `masks` setting, from their pruned
 model, after everything else.
 Every row is measured against its like: a pruned row against the base, a fine-tuned row against
 the base fine-tuned with the same settings (the targets use these pairs).

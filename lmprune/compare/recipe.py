@@ -14,12 +14,12 @@ from lmprune.core.config import build_config, option
 from lmprune.core.errors import ConfigError, LmpruneError
 from lmprune.evaluate.command import EvalConfig
 from lmprune.finetune.command import FinetuneConfig
-from lmprune.locate.run import LocateConfig
+from lmprune.finetune.relearn import RelearnConfig
+from lmprune.locate.command import LocateConfig
 from lmprune.methods.act import ActConfig
 from lmprune.methods.dpo import DpoConfig
 from lmprune.methods.profs import ProfsConfig
 from lmprune.prune.command import PruneConfig
-from lmprune.relearn.command import RelearnConfig
 from lmprune.run.recipe import (
     RunConfig,
     RunFolder,
@@ -27,7 +27,8 @@ from lmprune.run.recipe import (
     hold_out_general,
     load_recipe,
 )
-from lmprune.run.stages import digest
+from lmprune.run.runner import digest
+from lmprune.stages import STAGES
 
 SECTIONS = ("collect", "locate", "eval", "finetune", "compare", "modules", "induce", "relearn")
 PLOT_FILE = "compare.png"
@@ -99,8 +100,8 @@ class CompareConfig:
 
 # A row name is a folder name inside OUT/rows: nothing that climbs out (`..`, `/`) or hides.
 ROW_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-# Settings a `modules:` entry may not set (the runner wires them) and those it adds to prune's.
-MODULE_WIRED = {"model", "out", "modules", "like", "seed", "stats", "mode", "count"}
+# Settings a `modules:` entry may not set: prune's wired keys and those the rows set.
+MODULE_WIRED = STAGES["prune"].wired_keys | {"stats", "mode", "count"}
 
 
 @dataclass
@@ -155,25 +156,24 @@ def parse_compare(values: dict, name: str) -> CompareRecipe:
     top = {k: v for k, v in values.items() if k not in SECTIONS}
     run = build_config(RunConfig, top, where="recipe")
 
-    def stage(cls, section: str, given: dict, wired: set[str]):
-        bad = sorted(wired & set(given))
+    def stage(kind: str, section: str, given: dict, wired: set[str] | None = None):
+        cls = STAGES[kind].config
+        bad = sorted((STAGES[kind].wired_keys if wired is None else wired) & set(given))
         if bad:
             raise LmpruneError(f"{section}.{bad[0]}: set by `lmprune compare`; remove it")
         if run.device and "device" in {f.name for f in dataclasses.fields(cls)}:
             given = {"device": run.device, **given}
         return build_config(cls, given, where=section)
 
-    collect = stage(CollectConfig, "collect", _section(values, "collect"),
-                    {"model", "out", "resume"})
+    collect = stage("collect", "collect", _section(values, "collect"))
     finetune_values = values.get("finetune")
     locate_values = general_from_finetune(_section(values, "locate"), finetune_values)
-    locate = stage(LocateConfig, "locate", locate_values, {"model", "stats", "out"})
-    evaluation = stage(EvalConfig, "eval", _section(values, "eval"), {"model", "json"})
+    locate = stage("locate", "locate", locate_values)
+    evaluation = stage("eval", "eval", _section(values, "eval"))
     if evaluation.fail_above or evaluation.fail_below:
         raise LmpruneError("eval.fail_above/fail_below: gates belong to `lmprune eval` and "
                            "`lmprune run`, not to a comparison")
-    finetune = stage(FinetuneConfig, "finetune", _section(values, "finetune"),
-                     {"model", "out", "base_model"})
+    finetune = stage("finetune", "finetune", _section(values, "finetune"))
     compare = build_config(CompareConfig, _section(values, "compare"), where="compare")
 
     entries = _section(values, "modules")
@@ -194,9 +194,8 @@ def parse_compare(values: dict, name: str) -> CompareRecipe:
             raise LmpruneError(f"{where}.locate: expected a mapping of locate settings")
         if not given.get("select"):
             raise LmpruneError(f"{where}.select: needed (e.g. budget:1% or top:3)")
-        prune = stage(PruneConfig, where, given, MODULE_WIRED)
-        row_locate = stage(LocateConfig, f"{where}.locate", {**locate_values, **overrides},
-                           {"model", "stats", "out"})
+        prune = stage("prune", where, given, MODULE_WIRED)
+        row_locate = stage("locate", f"{where}.locate", {**locate_values, **overrides})
         rows.append(ModulesRow(str(row_name), dataclasses.replace(prune, mode="modules"),
                                row_locate))
     finetune = hold_out_general(finetune, finetune_values, [locate] + [r.locate for r in rows])
@@ -229,7 +228,7 @@ def parse_compare(values: dict, name: str) -> CompareRecipe:
 def _check_relearn(given: dict, run: RunConfig, recipe: CompareRecipe) -> RelearnSection:
     """The attack settings by key and type; rows, docs and masks as lists."""
     given = dict(given)
-    wired = sorted({"model", "out", "base_model"} & set(given))
+    wired = sorted(STAGES["relearn"].wired_keys & set(given))
     if wired:
         raise LmpruneError(f"relearn.{wired[0]}: set by `lmprune compare`; remove it")
     lists = {key: given.pop(key) for key in ("rows", "docs", "masks") if key in given}
@@ -373,7 +372,7 @@ def _check_induce(given, run: RunConfig) -> dict:
 
     if not isinstance(given, dict):
         raise LmpruneError("induce: expected a mapping of `lmprune induce` settings")
-    wired = sorted({"model", "out"} & set(given))
+    wired = sorted(STAGES["induce"].wired_keys & set(given))
     if wired:
         raise LmpruneError(f"induce.{wired[0]}: set by `lmprune compare`; remove it")
     if run.device and "device" in {f.name for f in dataclasses.fields(InduceConfig)}:

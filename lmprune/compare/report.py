@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from lmprune.compare.recipe import (
     row_names,
 )
 from lmprune.core.io import save_figure_atomic, write_json_atomic, write_text_atomic
+from lmprune.core.lineage import read_lineage
 from lmprune.evaluate.reference import (
     REFERENCE,
     STAGES,
@@ -28,7 +28,8 @@ from lmprune.evaluate.reference import (
     scorer_tps,
     versus_reference,
 )
-from lmprune.relearn.command import attack_table, plot_attacks, read_attack
+from lmprune.evaluate.results import read_result
+from lmprune.finetune.relearn import attack_table, plot_attacks, read_attack
 
 RELEARN_PLOT = "relearn.png"
 
@@ -52,8 +53,7 @@ def summarize(recipe: CompareRecipe, folder: CompareFolder) -> dict:
     """Every number of the comparison, the random controls' spread and the targets."""
     rows = {}
     for name in row_names(recipe):
-        meta_path = folder.row_model(name) / "lmprune.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        meta = read_lineage(folder.row_model(name)) or {}
         rows[name] = {
             "pruned": row_metrics(folder.row_eval(name, False), recipe.eval.scorer),
             "finetuned": row_metrics(folder.row_eval(name, True), recipe.eval.scorer),
@@ -108,7 +108,7 @@ def relearn_results(recipe: CompareRecipe, folder: CompareFolder) -> dict:
 
 def _protocol(folder: CompareFolder, recipe: CompareRecipe) -> dict:
     path = folder.row_eval("base", False)
-    ev = json.loads(path.read_text()) if path.is_file() else {}
+    ev = read_result(path) or {}
     tox, ppl = ev.get("toxicity") or {}, ev.get("perplexity") or {}
     return {"scorer": tox.get("scorer"), "scorers": {
                 recipe.eval.scorer: tox.get("scorer"),

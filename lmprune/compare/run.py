@@ -1,5 +1,5 @@
 """The plan of `lmprune compare`: each row's stages (prune or make it, evaluate, fine-tune,
-evaluate again, attack), run by lmprune/run/stages.py, then the summary (lmprune/compare/report.py).
+evaluate again, attack), run by lmprune/run/runner.py, then the summary (lmprune/compare/report.py).
 """
 
 from __future__ import annotations
@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from lmprune.collect import run_collect
 from lmprune.compare.recipe import (
     CompareFolder,
     CompareRecipe,
@@ -24,28 +23,27 @@ from lmprune.compare.report import table, write_summary
 from lmprune.core.config import build_config
 from lmprune.core.io import check_out_dir
 from lmprune.core.lock import folder_lock
-from lmprune.evaluate.command import evaluate, summary
-from lmprune.finetune.command import build_evaluator, finetune
-from lmprune.induce.command import InduceConfig, induce
-from lmprune.locate.run import run as run_locate
-from lmprune.methods.act import run as run_act
-from lmprune.methods.dpo import run as run_dpo
-from lmprune.methods.profs import run as run_profs
+from lmprune.induce.command import InduceConfig
 from lmprune.prune.command import PruneConfig
-from lmprune.prune.command import run as run_prune
-from lmprune.relearn.command import relearn
-from lmprune.run.stages import Stage, check_stages, duration, execute_stages, record_recipe
+from lmprune.run.runner import (
+    Stage,
+    check_stages,
+    duration,
+    execute_stages,
+    planned,
+    record_recipe,
+)
+from lmprune.stages import STAGES
 
 
 def plan_compare(recipe: CompareRecipe, folder: CompareFolder) -> list[Stage]:
     model = recipe.run.model
     replace = dataclasses.replace
-    stages: list[Stage] = []
 
-    collect = replace(recipe.collect, model=model, out=str(folder.stats))
-    stages.append(Stage("collect", collect,
-                        lambda resume: run_collect(replace(collect, resume=resume)),
-                        [folder.stats], sources=[model, collect.offensive, collect.clean]))
+    def stage(kind: str, config, name: str | None = None) -> Stage:
+        return planned(STAGES[kind], config, folder.root, name)
+
+    stages = [stage("collect", replace(recipe.collect, model=model, out=str(folder.stats)))]
 
     module_maps: dict[str, Path] = {}
     for row in recipe.modules:
@@ -54,133 +52,92 @@ def plan_compare(recipe: CompareRecipe, folder: CompareFolder) -> list[Stage]:
         if any(s.outputs == [path] for s in stages):
             continue
         cfg = replace(row.locate, model=model, stats=str(folder.stats), out=str(path))
-        stages.append(Stage(f"locate:{path.stem}", cfg, lambda resume, c=cfg: run_locate(c),
-                            [path], [folder.stats], [model]))
+        stages.append(stage("locate", cfg, f"locate:{path.stem}"))
 
-    # rows: (name, prune config or None for the base, upstream paths)
+    # rows: (name, prune config or None for the base)
     headline = recipe.headline
     headline_model = folder.row_model(headline.name)
-    prunes: list[tuple[str, PruneConfig | None, list[Path]]] = [("base", None, [])]
+    prunes: list[tuple[str, PruneConfig | None]] = [("base", None)]
     for row in recipe.modules:
         cfg = replace(row.prune, model=model, out=str(folder.row_model(row.name)),
                       modules=str(module_maps[row.name]), stats=str(folder.stats))
-        prunes.append((row.name, cfg, [module_maps[row.name], folder.stats]))
-    headline_cfg = next(c for n, c, _ in prunes if n == headline.name)
+        prunes.append((row.name, cfg))
+    headline_cfg = next(c for n, c in prunes if n == headline.name)
     for seed in recipe.compare.random_seeds:
         prunes.append((f"random-{seed}", replace(
             headline_cfg, mode="random", like=str(headline_model), seed=seed,
-            out=str(folder.row_model(f"random-{seed}"))), [headline_model]))
+            out=str(folder.row_model(f"random-{seed}")))))
     if recipe.compare.aura:
         prunes.append(("aura", PruneConfig(model=model, mode="dampen", stats=str(folder.stats),
                                            out=str(folder.row_model("aura")),
-                                           device=headline_cfg.device),
-                       [folder.stats]))
+                                           device=headline_cfg.device)))
     if recipe.compare.top_auroc:
         prunes.append(("top-auroc", replace(headline_cfg, mode="neurons",
-                                            out=str(folder.row_model("top-auroc"))),
-                       [folder.stats, module_maps[headline.name]]))
+                                            out=str(folder.row_model("top-auroc")))))
 
-    planned = {name for name, _, _ in prunes}
+    made = {name for name, _ in prunes}
     first_seed = (recipe.compare.random_seeds or [0])[0]
     for budget in recipe.compare.frontier_budgets:
         name, random_name = budget_rows(recipe, budget)
-        if name in planned:
+        if name in made:
             continue
         cfg = replace(headline_cfg, select=f"budget:{budget.strip()}",
                       out=str(folder.row_model(name)))
-        prunes.append((name, cfg, [module_maps[headline.name], folder.stats]))
+        prunes.append((name, cfg))
         prunes.append((random_name, replace(
             headline_cfg, mode="random", like=str(folder.row_model(name)), seed=first_seed,
-            out=str(folder.row_model(random_name))), [folder.row_model(name)]))
+            out=str(folder.row_model(random_name)))))
     for alpha in recipe.compare.aura_strengths:
         name = aura_row(recipe, alpha)
-        if name not in planned:
+        if name not in made:
             prunes.append((name, PruneConfig(model=model, mode="dampen", strength=alpha,
                                              stats=str(folder.stats),
                                              out=str(folder.row_model(name)),
-                                             device=headline_cfg.device), [folder.stats]))
+                                             device=headline_cfg.device)))
 
     if recipe.induce is not None:
         stages += _induce_stages(recipe, folder, prunes)
 
-    for name, cfg, upstream in prunes:
-        if cfg is not None:
-            stages.append(Stage(f"prune:{name}", cfg, lambda resume, c=cfg: run_prune(c),
-                                [folder.row_model(name)], upstream, [model]))
+    stages += [stage("prune", cfg, f"prune:{name}") for name, cfg in prunes if cfg is not None]
     if recipe.compare.profs:  # named like the rows' prune stages: the summary times prune:ROW
         cfg = profs_config(recipe.compare, model, str(folder.row_model("profs")),
                            headline_cfg.device)
-        stages.append(Stage("prune:profs", cfg, lambda resume, c=cfg: run_profs(c),
-                            [folder.row_model("profs")], [], [model, cfg.pairs]))
+        stages.append(stage("profs", cfg, "prune:profs"))
     if recipe.compare.act:
         cfg = act_config(recipe, model, str(folder.row_model("act")), headline_cfg.device)
-        stages.append(Stage("prune:act", cfg, lambda resume, c=cfg: run_act(c),
-                            [folder.row_model("act")], [], [model, cfg.offensive, cfg.clean]))
+        stages.append(stage("act", cfg, "prune:act"))
     if recipe.compare.dpo:  # a training stage: on the fine-tuning's device
         cfg = dpo_config(recipe.compare, model, str(folder.row_model("dpo")),
                          recipe.finetune.device)
-        stages.append(Stage("prune:dpo", cfg, lambda resume, c=cfg: run_dpo(c),
-                            [folder.row_model("dpo")], [], [model, cfg.pairs]))
+        stages.append(stage("dpo", cfg, "prune:dpo"))
 
-    def target_model(name: str) -> tuple[str, list[Path]]:
-        if name == "base":
-            return model, []
-        return str(folder.row_model(name)), [folder.row_model(name)]
+    def target_model(name: str) -> str:
+        return model if name == "base" else str(folder.row_model(name))
 
-    def eval_stage(stage: str, path: str, upstream: list[Path], json_path: Path) -> Stage:
-        cfg = replace(recipe.eval, model=path, json=str(json_path))
-
-        def action(resume: bool, cfg=cfg):
-            print(summary(evaluate(cfg)))
-
-        return Stage(stage, cfg, action, [json_path], upstream,
-                     [*([] if upstream else [path]), cfg.prompts, cfg.ppl_data])
+    def eval_stage(name: str, path: str, json_path: Path) -> Stage:
+        return stage("eval", replace(recipe.eval, model=path, json=str(json_path)), name)
 
     names = row_names(recipe)
     if recipe.induce is not None:  # the routed model before its module is ablated
         routed = folder.induced_routed
-        stages.append(eval_stage("eval:induced-routed", str(routed), [routed],
-                                 folder.induced_routed_eval))
-    stages += [eval_stage(f"eval:{name}", *target_model(name), folder.row_eval(name, False))
+        stages.append(eval_stage("eval:induced-routed", str(routed), folder.induced_routed_eval))
+    stages += [eval_stage(f"eval:{name}", target_model(name), folder.row_eval(name, False))
                for name in names]
     curve_rows = {headline.name, "induced"}
     # fine-tune the rows the targets read first, so a partial comparison answers them
     searched = [m.name for m in recipe.modules if m.name != headline.name]
     for name in sorted(names, key=lambda n: (n != "base", n != headline.name)):
-        path, upstream = target_model(name)
         out = folder.row(name) / "finetuned"
-        cfg = replace(recipe.finetune, model=path, out=str(out), base_model=model)
+        cfg = replace(recipe.finetune, model=target_model(name), out=str(out), base_model=model)
         if name not in curve_rows:  # the relearning curve only where the targets look
             cfg = replace(cfg, eval_every=0)
-
-        def tune(resume: bool, cfg=cfg):
-            import shutil
-
-            if not resume:
-                shutil.rmtree(Path(cfg.out) / "checkpoints", ignore_errors=True)
-            finetune(cfg, build_evaluator(cfg))
-
-        stages.append(Stage(f"finetune:{name}", cfg, tune, [out], upstream,
-                            [*([] if upstream else [path]), cfg.data, cfg.eval_prompts,
-                             cfg.ppl_data]))
-        stages.append(eval_stage(f"eval:{name}+ft", str(out), [out],
-                                 folder.row_eval(name, True)))
+        stages.append(stage("finetune", cfg, f"finetune:{name}"))
+        stages.append(eval_stage(f"eval:{name}+ft", str(out), folder.row_eval(name, True)))
 
     for name, docs, masks in relearn_attacks(recipe):
-        path, upstream = target_model(name)
-        cfg = replace(recipe.relearn.config, model=path, docs=docs, masks=masks,
+        cfg = replace(recipe.relearn.config, model=target_model(name), docs=docs, masks=masks,
                       out=str(folder.relearn(name, docs, masks)), base_model=model)
-
-        def attack(resume: bool, cfg=cfg):
-            import shutil
-
-            if not resume:
-                shutil.rmtree(Path(cfg.out) / "checkpoints", ignore_errors=True)
-            relearn(cfg)
-
-        stages.append(Stage(f"relearn:{name}@{docs}-{masks}", cfg, attack, [Path(cfg.out)],
-                            upstream, [*([] if upstream else [path]), cfg.data,
-                                       cfg.eval_prompts, cfg.ppl_data]))
+        stages.append(stage("relearn", cfg, f"relearn:{name}@{docs}-{masks}"))
 
     # the induced rows (routing is the longest stage) after the others, the fine-tuning of the
     # other searched configurations, then the relearning attacks last; order kept within
@@ -209,19 +166,17 @@ def _induce_stages(recipe: CompareRecipe, folder: CompareFolder, prunes: list) -
     values.setdefault("offensive", recipe.collect.offensive)
     values.setdefault("clean", recipe.collect.clean)
     cfg = build_config(InduceConfig, values, where="induce")
-    stage = Stage("induce", cfg, lambda resume: induce(cfg), [routed],
-                  sources=[recipe.run.model, cfg.offensive, cfg.clean])
+    stage = planned(STAGES["induce"], cfg, folder.root)
     designated = str(routed / "modules.json")
     device = recipe.headline.prune.device
     prunes.append(("induced", PruneConfig(model=str(routed), mode="modules", modules=designated,
                                           select="ids:0", out=str(folder.row_model("induced")),
-                                          device=device), [routed]))
+                                          device=device)))
     for seed in recipe.compare.induced_random_seeds:
         name = f"induced-random-{seed}"
         prunes.append((name, PruneConfig(model=str(routed), mode="random", like=designated,
                                          select="ids:0", seed=seed,
-                                         out=str(folder.row_model(name)), device=device),
-                       [routed]))
+                                         out=str(folder.row_model(name)), device=device)))
     return [stage]
 
 

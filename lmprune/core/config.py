@@ -11,8 +11,10 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -144,3 +146,41 @@ def register_stage(subparsers, name: str, cls, run, help: str):
     add_config_args(parser, cls)
     parser.set_defaults(func=lambda args: run(config_from_args(cls, args, args.config)))
     return parser
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """One stage as the CLI and both runners (`lmprune run`, `lmprune compare`) see it. The
+    stage's module declares it once; lmprune/stages.py lists them in flow order."""
+
+    name: str
+    """Subcommand, and the recipe section of the stage where a recipe has one."""
+    config: type
+    """The stage's config dataclass: its fields are the flags and the recipe keys."""
+    run: Callable[[Any], int]
+    """The entry point: `run(config)` does the work and returns the exit code."""
+    help: str
+    outputs: tuple[str, ...] = ("out",)
+    """Fields naming what the stage writes (a runner points them into its folder)."""
+    inputs: tuple[str, ...] = ()
+    """Fields naming upstream outputs (hashed by content into a runner's stage key)."""
+    wired: tuple[str, ...] = ("model",)
+    """Further fields a runner sets; a recipe that sets them (or an input or output) is
+    refused."""
+    sources: tuple[str, ...] = ()
+    """Further fields naming data the stage reads, hashed by content where local, beside the
+    corpus fields (`option(corpus=True)`)."""
+    step: Callable[[Any, bool], object] | None = None
+    """What a runner calls instead of `run`: (config, whether a killed run with the same key
+    may resume)."""
+
+    @property
+    def wired_keys(self) -> set[str]:
+        return {*self.wired, *self.inputs, *self.outputs}
+
+    @property
+    def corpus_keys(self) -> list[str]:
+        return corpus_fields(self.config)
+
+    def register(self, subparsers) -> argparse.ArgumentParser:
+        return register_stage(subparsers, self.name, self.config, self.run, self.help)

@@ -370,3 +370,14 @@ def skeleton(name: str) -> nn.Module:
     _, model_config = load_config(name)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(model_config)
+
+
+def prefix_token_id(tokenizer) -> int:
+    """The token a text is scored after (or a prompt starts with): BOS, else EOS, as
+    lm-evaluation-harness's HFLM.prefix_token_id."""
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None \
+        else tokenizer.eos_token_id
+    if prefix is None:
+        raise LmpruneError("the tokenizer has neither a BOS nor an EOS token to start a text "
+                           "with")
+    return prefix

@@ -166,6 +166,18 @@ class CheckpointStore:
         return state
 
 
+def fresh_unless_resumed(run):
+    """A runner's step for a training stage: a killed run with the same stage key resumes from
+    its checkpoints; with other settings it starts over."""
+
+    def step(config, resume: bool):
+        if not resume:
+            shutil.rmtree(CheckpointStore(config.out).root, ignore_errors=True)
+        return run(config)
+
+    return step
+
+
 def _rng_state() -> dict:
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -4,3 +4,7 @@ Modules: `generate` (fast k-sample nucleus sampler), `scorers` (pluggable toxici
 `toxicity` (EMT, TP, mean with bootstrap intervals), `perplexity` (sliding window and
 non-overlapping), `command` (`lmprune eval` and its CI gates).
 """
+
+from lmprune.evaluate.command import STAGE, EvalConfig, register, run
+
+__all__ = ["STAGE", "EvalConfig", "register", "run"]

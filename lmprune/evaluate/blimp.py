@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from lmprune.core.data import data_dir, json_lines, texts_sha256
 from lmprune.core.errors import LmpruneError
+from lmprune.core.models import prefix_token_id
 
 BLIMP_SPEC = "blimp"
 BLIMP_FILE = "blimp.jsonl"
@@ -129,16 +130,6 @@ def _read_hub() -> list[BlimpPair]:
 def default_batch_size(device: torch.device | str) -> int:
     """Sentences per forward pass (BLiMP sentences are ~10 tokens)."""
     return 256 if str(device).startswith("cuda") else 64
-
-
-def prefix_token_id(tokenizer) -> int:
-    """The token every sentence is scored after, as lm-eval's HFLM.prefix_token_id."""
-    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None \
-        else tokenizer.eos_token_id
-    if prefix is None:
-        raise LmpruneError("the tokenizer has neither a BOS nor an EOS token to score "
-                           "BLiMP sentences after")
-    return prefix
 
 
 def encode_sentences(tokenizer, sentences: list[str],

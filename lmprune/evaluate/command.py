@@ -5,17 +5,16 @@ Exit codes: 0 done (every gate passed), 1 a `--fail-above`/`--fail-below` gate f
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lmprune import __version__
-from lmprune.core.config import option, register_stage
+from lmprune.core.config import StageSpec, option
 from lmprune.core.errors import EXIT_GATE_FAILED, EXIT_OK, ConfigError, LmpruneError
-from lmprune.core.io import check_out_file, write_text_atomic
+from lmprune.core.io import check_out_file
+from lmprune.evaluate.results import FORMAT, new_result, write_result
 
 SKIP = "none"
 
@@ -152,20 +151,6 @@ def check_gates(result: dict, gates: list[Gate]) -> list[str]:
     return gate_failures(result)
 
 
-def records_path(out: Path) -> Path:
-    return out.with_name(out.stem + ".continuations.jsonl")
-
-
-def read_records(eval_json: Path, result: dict) -> list[dict]:
-    """The per-prompt records written beside `eval_json` (its `result`), or [] if there are none."""
-    name = (result.get("toxicity") or {}).get("records_file")
-    path = eval_json.with_name(name) if name else None
-    if path is None or not path.is_file():
-        return []
-    # JSON lines end at "\n" only: model output may hold U+2028 or U+0085, which splitlines() cuts
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
-
-
 def evaluate(config: EvalConfig) -> dict:
     """Measure, check the gates (their outcomes go into the result's `gates`), write the JSON
     and the continuations when `config.json` is set; return the result."""
@@ -174,7 +159,7 @@ def evaluate(config: EvalConfig) -> dict:
 
     gates = check_config(config)  # bad settings and outputs fail before work
     if config.json:
-        check_out_file(config.json, "lmprune.eval", config.overwrite, "--json")
+        check_out_file(config.json, FORMAT, config.overwrite, "--json")
     do_toxicity = config.toxicity and config.prompts.lower() != SKIP
     do_perplexity = config.perplexity and config.ppl_data.lower() != SKIP
     # Read inputs, load the scorers and the judge before sampling: bad input fails fast.
@@ -199,11 +184,7 @@ def evaluate(config: EvalConfig) -> dict:
         if config.fluency_judge.lower() != SKIP:
             judge = _load_judge(config, loaded)
 
-    result: dict = {
-        "format": "lmprune.eval", "format_version": 1, "lmprune_version": __version__,
-        "model": loaded.identity, "device": device,
-        "settings": asdict(config),
-    }
+    result = new_result(model=loaded.identity, device=device, settings=asdict(config))
     started = time.perf_counter()
     records = None
     if do_toxicity:
@@ -249,17 +230,8 @@ def evaluate(config: EvalConfig) -> dict:
         check_gates(result, gates)
     finally:  # a gate that cannot be read still leaves the measurements on disk
         if config.json:
-            _write_result(Path(config.json), result, records)
+            write_result(Path(config.json), result, records)
     return result
-
-
-def _write_result(out: Path, result: dict, records: list[dict] | None) -> None:
-    if records is not None:
-        side = records_path(out)
-        write_text_atomic(side, "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                   for r in records))
-        result["toxicity"]["records_file"] = side.name
-    write_text_atomic(out, json.dumps(result, indent=2) + "\n")
 
 
 def check_config(config: EvalConfig) -> list[Gate]:
@@ -306,7 +278,7 @@ def gate_failures(result: dict) -> list[str]:
             for g in result.get("gates", []) if not g["passed"]]
 
 
-def run_eval(config: EvalConfig) -> int:
+def run(config: EvalConfig) -> int:
     result = evaluate(config)
     print(summary(result))
     failures = gate_failures(result)
@@ -349,7 +321,11 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def register(subparsers):
-    return register_stage(subparsers, "eval", EvalConfig, run_eval,
-                          "Toxicity of sampled continuations (RealToxicityPrompts protocol) and "
-                          "perplexity, with CI gates.")
+STAGE = StageSpec(
+    "eval", EvalConfig, run,
+    "Toxicity of sampled continuations (RealToxicityPrompts protocol) and perplexity, with CI "
+    "gates.",
+    outputs=("json",), sources=("blimp",),
+    # in a run, the gates are read once every stage is done
+    step=lambda cfg, resume: print(summary(evaluate(cfg))))
+register = STAGE.register

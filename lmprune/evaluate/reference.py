@@ -4,10 +4,9 @@ Read by `lmprune compare`'s summary and by the report of `lmprune run`."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from lmprune.evaluate.command import read_records
+from lmprune.evaluate.results import read_records, read_result
 from lmprune.evaluate.toxicity import distinct_n
 
 STAGES = ("pruned", "finetuned")
@@ -17,9 +16,9 @@ REFERENCE = {"pruned": "the base model", "finetuned": "the base model fine-tuned
 
 def row_metrics(path: Path, main_scorer: str) -> dict | None:
     """The figures of one eval JSON that comparisons read (None where the file is missing)."""
-    if not path.is_file():
+    ev = read_result(path)
+    if ev is None:
         return None
-    ev = json.loads(path.read_text())
     tox = ev.get("toxicity") or {}
     ppl = ((ev.get("perplexity") or {}).get("sliding_window") or {})
     fluency, blimp = ev.get("fluency") or {}, ev.get("blimp") or {}

@@ -19,16 +19,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmprune.core.config import option, register_stage
+from lmprune.core.config import StageSpec, option
 from lmprune.core.data import Corpus, load_corpus
 from lmprune.core.errors import ConfigError, LmpruneError, warn
-from lmprune.core.io import check_out_dir, save_figure_atomic, write_json_atomic
+from lmprune.core.io import check_out_dir, read_json, save_figure_atomic, write_json_atomic
 from lmprune.core.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
 from lmprune.core.lock import folder_lock
 from lmprune.core.masks import PruneMask
 from lmprune.core.training import (
     BlockOrder,
     CheckpointStore,
+    fresh_unless_resumed,
     make_optimizer,
     make_scheduler,
     pack_blocks,
@@ -102,6 +103,12 @@ def write_curve(curve: dict, out_dir: str | Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / CURVE_FILE, curve)
     plot_curve(curve, out_dir / PLOT_FILE)
+
+
+def read_curve(out_dir: str | Path, hint: str = "fine-tune again to rewrite it") -> dict | None:
+    """The relearning curve of a fine-tuned (or attacked) checkpoint: None when it has none."""
+    path = Path(out_dir) / CURVE_FILE
+    return read_json(path, hint) if path.is_file() else None
 
 
 def plot_curve(curve: dict, path: str | Path) -> None:
@@ -398,7 +405,9 @@ def run(config: FinetuneConfig) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    register_stage(subparsers, "finetune", FinetuneConfig, run,
-                   help="Fine-tune a pruned checkpoint with its masks held at zero; re-measure "
-                        "toxicity and perplexity every N steps.")
+STAGE = StageSpec(
+    "finetune", FinetuneConfig, run,
+    help="Fine-tune a pruned checkpoint with its masks held at zero; re-measure toxicity and "
+         "perplexity every N steps.",
+    wired=("model", "base_model"), sources=("base_model",), step=fresh_unless_resumed(run))
+register = STAGE.register

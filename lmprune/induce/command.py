@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from lmprune.core.arch import NeuronMap, parse_layers
-from lmprune.core.config import option, register_stage
+from lmprune.core.config import StageSpec, option
 from lmprune.core.errors import LmpruneError
 from lmprune.core.io import check_out_dir
 from lmprune.core.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
@@ -635,7 +635,8 @@ def run(config: InduceConfig) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    register_stage(subparsers, "induce", InduceConfig, run,
-                   help="Train offensive text into chosen MLP neurons (gradient routing), so "
-                        "that pruning them removes it.")
+STAGE = StageSpec(
+    "induce", InduceConfig, run,
+    help="Train offensive text into chosen MLP neurons (gradient routing), so that pruning them "
+         "removes it.")
+register = STAGE.register

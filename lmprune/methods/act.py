@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 
 from lmprune import __version__
 from lmprune.core.arch import ARCHITECTURES, NeuronMap, parse_layers
-from lmprune.core.config import option, register_stage
+from lmprune.core.config import StageSpec, option
 from lmprune.core.data import Corpus, load_corpus
 from lmprune.core.errors import ConfigError, LmpruneError, warn
 from lmprune.core.hooks import NeuronHooks
@@ -482,8 +482,9 @@ def run(config: ActConfig) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    register_stage(subparsers, "act", ActConfig, run,
-                   help="Linear-AcT (Rodriguez et al. 2024): per MLP neuron, an affine map "
-                        "transporting its activations on offensive text onto those on clean "
-                        "text, folded into the output projection.")
+STAGE = StageSpec(
+    "act", ActConfig, run,
+    help="Linear-AcT (Rodriguez et al. 2024): per MLP neuron, an affine map transporting its "
+         "activations on offensive text onto those on clean text, folded into the output "
+         "projection.")
+register = STAGE.register

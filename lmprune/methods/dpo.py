@@ -51,7 +51,7 @@ from torch import nn
 
 from lmprune import __version__
 from lmprune.core.arch import NeuronMap
-from lmprune.core.config import option, register_stage
+from lmprune.core.config import StageSpec, option
 from lmprune.core.data import Pairs, load_pairs
 from lmprune.core.errors import ConfigError, LmpruneError, warn
 from lmprune.core.io import check_out_dir
@@ -143,7 +143,7 @@ def read_pairs(config: DpoConfig) -> tuple[Pairs, Pairs | None]:
 def prompt_text(tokenizer) -> str:
     """The text every pair follows: '' when the tokenizer starts each text with its own BOS,
     else its BOS token (or EOS), so that the first word of each text is scored too."""
-    from lmprune.evaluate.blimp import prefix_token_id
+    from lmprune.core.models import prefix_token_id
 
     if tokenizer("")["input_ids"]:
         return ""
@@ -286,8 +286,9 @@ def run(config: DpoConfig) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    register_stage(subparsers, "dpo", DpoConfig, run,
-                   help="DPO (Rafailov et al. 2023) as Lee et al. 2024 use it against toxicity: "
-                        "prefer each clean paraphrase over its toxic original, against a frozen "
-                        "copy of the model.")
+STAGE = StageSpec(
+    "dpo", DpoConfig, run,
+    help="DPO (Rafailov et al. 2023) as Lee et al. 2024 use it against toxicity: prefer each "
+         "clean paraphrase over its toxic original, against a frozen copy of the model.",
+    sources=("pairs",))
+register = STAGE.register

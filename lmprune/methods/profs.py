@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from lmprune import __version__
 from lmprune.core.arch import NeuronMap, parse_layers
-from lmprune.core.config import option, register_stage
+from lmprune.core.config import StageSpec, option
 from lmprune.core.data import Pairs, load_pairs
 from lmprune.core.errors import ConfigError, LmpruneError, warn
 from lmprune.core.io import check_out_dir
@@ -278,7 +278,9 @@ def run(config: ProfsConfig) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    register_stage(subparsers, "profs", ProfsConfig, run,
-                   help="ProFS (Uppaal et al. 2025): project a toxic subspace, found by SVD of "
-                        "paired toxic/clean embeddings, out of the MLP output weights.")
+STAGE = StageSpec(
+    "profs", ProfsConfig, run,
+    help="ProFS (Uppaal et al. 2025): project a toxic subspace, found by SVD of paired "
+         "toxic/clean embeddings, out of the MLP output weights.",
+    sources=("pairs",))
+register = STAGE.register

@@ -17,9 +17,9 @@ from torch import nn
 
 from lmprune import __version__
 from lmprune.core.arch import NeuronMap
-from lmprune.core.config import option, register_stage
+from lmprune.core.config import StageSpec, option
 from lmprune.core.errors import LmpruneError, warn
-from lmprune.core.io import check_out_dir, load_tensors, read_json
+from lmprune.core.io import check_out_dir
 from lmprune.core.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
 from lmprune.core.masks import (
     NeuronSet,
@@ -30,6 +30,7 @@ from lmprune.core.masks import (
 )
 from lmprune.core.models import check_identity
 from lmprune.core.module_map import check_module_map, module_neurons, read_module_map
+from lmprune.core.stats_folder import MANIFEST_FILE, STATS_FILE, read_manifest, read_tensors
 
 MODES = ["modules", "neurons", "dampen", "random"]
 
@@ -160,16 +161,15 @@ def make_gap_fn(model: nn.Module, tokenizer, offensive: list[str], clean: list[s
 def load_auroc(stats_dir: str | Path, identity: dict, nmap: NeuronMap) -> torch.Tensor:
     """AUROC per neuron [L, W] from a collect folder, checked against the loaded model."""
     stats_dir = Path(stats_dir)
-    path = stats_dir / "stats.safetensors"
+    path = stats_dir / STATS_FILE
     if not path.is_file():
-        raise LmpruneError(f"no stats.safetensors in {stats_dir} (write it with `lmprune collect`)")
-    manifest = stats_dir / "manifest.json"
-    if manifest.is_file():
-        meta = read_json(manifest, "collect the statistics again")
+        raise LmpruneError(f"no {STATS_FILE} in {stats_dir} (write it with `lmprune collect`)")
+    if (stats_dir / MANIFEST_FILE).is_file():  # a bare stats file is checked by shape alone
+        meta = read_manifest(stats_dir)
         recorded = dict(meta.get("model") or {}, num_layers=meta.get("num_layers"),
                         neurons_per_layer=meta.get("neurons_per_layer"))
         check_identity(recorded, identity, nmap, f"stats {stats_dir}")
-    tensors = load_tensors(path, "collect the statistics again")
+    tensors = read_tensors(stats_dir, STATS_FILE)
     if "auroc" not in tensors:
         raise LmpruneError(f"{path} has no 'auroc' tensor")
     auroc = tensors["auroc"].float()
@@ -513,7 +513,9 @@ def run(config: PruneConfig) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    register_stage(subparsers, "prune", PruneConfig, run,
-                   help="Zero (or remove, or dampen) MLP neurons chosen from a module map or "
-                        "statistics; save a checkpoint with its masks.")
+STAGE = StageSpec(
+    "prune", PruneConfig, run,
+    help="Zero (or remove, or dampen) MLP neurons chosen from a module map or statistics; save "
+         "a checkpoint with its masks.",
+    inputs=("modules", "like"), wired=("model", "seed"), sources=("stats",))
+register = STAGE.register

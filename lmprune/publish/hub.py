@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmprune.core.config import option, register_stage
+from lmprune.core.config import StageSpec, option
 from lmprune.core.errors import LmpruneError, first_line
 from lmprune.core.io import write_text_atomic
 from lmprune.core.lineage import LINEAGE_FILE, read_lineage
@@ -180,7 +180,7 @@ def push_checkpoint(checkpoint: str | Path, repo_id: str, private: bool = False,
     return commit.commit_url
 
 
-def run_push(config: PushConfig) -> int:
+def run(config: PushConfig) -> int:
     if not config.checkpoint:
         raise LmpruneError("name the checkpoint folder to push: lmprune push DIR --repo-id ID")
     had_card = (Path(config.checkpoint) / CARD_FILE).is_file()
@@ -192,6 +192,8 @@ def run_push(config: PushConfig) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    register_stage(subparsers, "push", PushConfig, run_push,
-                   help="Upload a checkpoint folder (with its model card) to the Hugging Face Hub.")
+STAGE = StageSpec(
+    "push", PushConfig, run,
+    help="Upload a checkpoint folder (with its model card) to the Hugging Face Hub.",
+    outputs=(), inputs=("checkpoint",), wired=())
+register = STAGE.register

@@ -14,8 +14,11 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from lmprune.core.errors import LmpruneError
 from lmprune.core.io import write_text_atomic
 from lmprune.core.lineage import read_lineage
+from lmprune.core.module_map import read_module_map
+from lmprune.core.stats_folder import read_manifest
 
 CARD_FILE = "README.md"
 TAGS = ["lmprune", "detoxification", "pruning"]
@@ -107,11 +110,11 @@ def _corpus_specs(lineage: dict) -> list[str]:
     specs = list(_strings(lineage.get("history", [])))
     modules_path = (lineage.get("modules") or {}).get("path")
     try:
-        modules = json.loads(Path(modules_path).read_text())
+        modules = read_module_map(modules_path)
         stats = Path(modules["stats"]["path"])
-        manifest = json.loads((stats / "manifest.json" if stats.is_dir() else stats).read_text())
+        manifest = read_manifest(stats if stats.is_dir() else stats.parent)
         specs += [c.get("spec", "") for c in manifest.get("corpora", {}).values()]
-    except (TypeError, KeyError, OSError, ValueError, AttributeError):
+    except (TypeError, KeyError, OSError, ValueError, AttributeError, LmpruneError):
         pass  # the files moved or were never written: the card lists what lineage names
     return specs
 

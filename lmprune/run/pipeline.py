@@ -1,24 +1,17 @@
 """`lmprune run RECIPE`: collect -> locate -> prune (+ random controls) -> evaluate -> fine-tune ->
 evaluate -> report, in one run folder. The recipe and the folder: lmprune/run/recipe.py; the runner
-that skips what is up to date and resumes what was killed: lmprune/run/stages.py.
+that skips what is up to date and resumes what was killed: lmprune/run/runner.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 import sys
-from pathlib import Path
 
-from lmprune.collect import run_collect
 from lmprune.core.io import check_out_dir
 from lmprune.core.lock import folder_lock
-from lmprune.evaluate.command import SKIP, evaluate, gate_failures, summary
-from lmprune.finetune.command import build_evaluator, finetune
-from lmprune.locate.run import run as run_locate
-from lmprune.prune.command import run as run_prune
-from lmprune.publish.report import write_run_report
+from lmprune.evaluate.command import SKIP, gate_failures
+from lmprune.evaluate.results import read_result
 from lmprune.run.recipe import (
     Recipe,
     RunFolder,
@@ -28,51 +21,45 @@ from lmprune.run.recipe import (
     load_recipe,
     transfer_name,
 )
-from lmprune.run.stages import Stage, check_stages, duration, execute_stages, record_recipe
+from lmprune.run.report import write_run_report
+from lmprune.run.runner import (
+    Stage,
+    check_stages,
+    duration,
+    execute_stages,
+    planned,
+    record_recipe,
+)
+from lmprune.stages import STAGES
 
 
 def plan_stages(recipe: Recipe, folder: RunFolder) -> list[Stage]:
     model = recipe.run.model
     replace = dataclasses.replace
-    stages = []
 
-    collect = replace(recipe.collect, model=model, out=str(folder.stats))
-    stages.append(Stage(
-        "collect", collect, lambda resume: run_collect(replace(collect, resume=resume)),
-        [folder.stats], sources=[model, collect.offensive, collect.clean]))
+    def stage(kind: str, config, name: str | None = None) -> Stage:
+        return planned(STAGES[kind], config, folder.root, name)
 
-    locate_cfg = replace(recipe.locate, model=model, stats=str(folder.stats),
-                         out=str(folder.modules))
-    stages.append(Stage("locate", locate_cfg, lambda resume: run_locate(locate_cfg),
-                        [folder.modules], [folder.stats], [model]))
-
+    stages = [
+        stage("collect", replace(recipe.collect, model=model, out=str(folder.stats))),
+        stage("locate", replace(recipe.locate, model=model, stats=str(folder.stats),
+                                out=str(folder.modules))),
+    ]
     prune_cfg = replace(recipe.prune, model=model, out=str(folder.pruned),
                         modules=str(folder.modules),
                         stats=recipe.prune.stats or str(folder.stats))
-    prune_sources = [model] + [s for s in (prune_cfg.offensive, prune_cfg.clean) if s]
-    stages.append(Stage("prune", prune_cfg, lambda resume: run_prune(prune_cfg),
-                        [folder.pruned], [folder.modules, folder.stats], prune_sources))
-
+    stages.append(stage("prune", prune_cfg))
     for seed in recipe.control.seeds:
-        control = replace(prune_cfg, mode="random", like=str(folder.pruned), seed=seed,
-                          out=str(folder.control(seed)))
-        stages.append(Stage(f"control-{seed}", control,
-                            lambda resume, c=control: run_prune(c),
-                            [folder.control(seed)], [folder.pruned], [model]))
+        stages.append(stage("prune", replace(prune_cfg, mode="random", like=str(folder.pruned),
+                                             seed=seed, out=str(folder.control(seed))),
+                            f"control-{seed}"))
 
-    def eval_stage(target: str, target_model: str, upstream: list[Path], **changes) -> Stage:
+    def eval_stage(target: str, target_model: str, **changes) -> Stage:
         final = target == final_target(recipe)
         cfg = replace(recipe.eval, model=target_model, json=str(folder.eval_json(target)),
                       fail_above=recipe.eval.fail_above if final else [],
                       fail_below=recipe.eval.fail_below if final else [], **changes)
-
-        def action(resume: bool):
-            print(summary(evaluate(cfg)))
-
-        # a run-folder checkpoint is an input (hashed by content); the base model a source
-        models = [] if upstream else [target_model]
-        return Stage(f"eval:{target}", cfg, action, [folder.eval_json(target)], upstream,
-                     [*models, cfg.prompts, cfg.ppl_data])
+        return stage("eval", cfg, f"eval:{target}")
 
     targets = eval_targets(recipe, folder)
     tuned_targets = [t for t in targets if t[0].endswith("finetuned")]
@@ -80,34 +67,26 @@ def plan_stages(recipe: Recipe, folder: RunFolder) -> list[Stage]:
         if target not in tuned_targets:
             stages.append(eval_stage(*target))
     # the final model and its likes on the prompts the selection never saw
-    by_name = {name: (target_model, upstream) for name, target_model, upstream in targets}
+    by_name = dict(targets)
     transfers = []
     for prompts in recipe.transfer.prompts:
         for target in filter(None, like_targets(recipe).values()):
-            transfers.append(eval_stage(transfer_name(target, prompts), *by_name[target],
+            transfers.append(eval_stage(transfer_name(target, prompts), by_name[target],
                                         prompts=prompts, limit=recipe.transfer.limit,
                                         perplexity=False, blimp=SKIP))
 
     if recipe.finetune is not None:
-        # (model, out, stage, upstream): the base model is a source, the checkpoints inputs
-        pairs = [(str(folder.pruned), folder.finetuned, "finetune", [folder.pruned])]
+        pairs = [(str(folder.pruned), folder.finetuned, "finetune")]
         if recipe.control.finetune_base:
-            pairs.append((model, folder.base_finetuned, "finetune:base", []))
+            pairs.append((model, folder.base_finetuned, "finetune:base"))
         if recipe.control.finetune:
-            pairs += [(str(folder.control(s)), folder.control(s, True), f"finetune:control-{s}",
-                       [folder.control(s)]) for s in recipe.control.seeds]
-        for source, out, name, upstream in pairs:
+            pairs += [(str(folder.control(s)), folder.control(s, True), f"finetune:control-{s}")
+                      for s in recipe.control.seeds]
+        for source, out, name in pairs:
             cfg = replace(recipe.finetune, model=source, out=str(out), base_model=model)
             if out != folder.finetuned:  # references: same training, no relearning curve
                 cfg = replace(cfg, eval_every=0)
-
-            def tune(resume: bool, cfg=cfg):
-                if not resume:  # other settings than the killed run: start over
-                    shutil.rmtree(Path(cfg.out) / "checkpoints", ignore_errors=True)
-                finetune(cfg, build_evaluator(cfg))
-
-            stages.append(Stage(name, cfg, tune, [out], upstream,
-                                [model, cfg.data, cfg.eval_prompts, cfg.ppl_data]))
+            stages.append(stage("finetune", cfg, name))
         for target in tuned_targets:
             stages.append(eval_stage(*target))
     stages += transfers
@@ -132,7 +111,7 @@ def run_pipeline(recipe: Recipe, overwrite: bool = False) -> int:
         record_recipe(folder, recipe.values)
         seconds = execute_stages(stages, folder)
     print(f"lmprune run: finished in {duration(seconds)}; report: {folder.report}", flush=True)
-    final = json.loads(folder.eval_json(final_target(recipe)).read_text())
+    final = read_result(folder.eval_json(final_target(recipe)), required=True)
     failures = gate_failures(final)
     for message in failures:
         print(f"lmprune: {message}", file=sys.stderr)

@@ -21,9 +21,10 @@ from lmprune.core.config import build_config, corpus_fields, load_yaml, option
 from lmprune.core.errors import LmpruneError
 from lmprune.evaluate.command import EvalConfig
 from lmprune.finetune.command import FinetuneConfig
-from lmprune.locate.run import LocateConfig
+from lmprune.locate.command import LocateConfig
 from lmprune.prune.command import PruneConfig
-from lmprune.run.stages import StageFolder
+from lmprune.run.runner import StageFolder
+from lmprune.stages import STAGES
 
 
 @dataclass
@@ -75,19 +76,15 @@ class TransferConfig:
     limit: int | None = option(100, "Prompts of each set used (the first N).")
 
 
+# the registered stages a run chains (lmprune/stages.py), and its other sections
 SECTIONS: dict[str, type] = {
-    "collect": CollectConfig, "locate": LocateConfig, "prune": PruneConfig,
-    "control": ControlConfig, "eval": EvalConfig, "finetune": FinetuneConfig,
-    "report": ReportConfig, "transfer": TransferConfig,
+    "collect": STAGES["collect"].config, "locate": STAGES["locate"].config,
+    "prune": STAGES["prune"].config, "control": ControlConfig, "eval": STAGES["eval"].config,
+    "finetune": STAGES["finetune"].config, "report": ReportConfig, "transfer": TransferConfig,
 }
-# Fields the runner sets; a recipe that sets them is refused.
-WIRED: dict[str, set[str]] = {
-    "collect": {"model", "out", "resume"},
-    "locate": {"model", "stats", "out"},
-    "prune": {"model", "out", "modules", "like", "seed"},
-    "eval": {"model", "json"},
-    "finetune": {"model", "out", "base_model"},
-}
+# Fields the runner sets (each stage's wired keys); a recipe that sets them is refused.
+WIRED: dict[str, set[str]] = {name: STAGES[name].wired_keys for name in SECTIONS
+                              if name in STAGES}
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,19 +277,17 @@ class RunFolder(StageFolder):
         return self.evals / f"{target}.json"
 
 
-def eval_targets(recipe: Recipe, folder: RunFolder) -> list[tuple[str, str, list[Path]]]:
-    """(name, model, upstream paths) of every evaluation, in order; the last is the final one."""
+def eval_targets(recipe: Recipe, folder: RunFolder) -> list[tuple[str, str]]:
+    """(name, model) of every evaluation, in order; the last is the final one."""
     seeds = recipe.control.seeds
-    targets = [("base", recipe.run.model, []), ("pruned", str(folder.pruned), [folder.pruned])]
-    targets += [(f"control-{s}", str(folder.control(s)), [folder.control(s)]) for s in seeds]
+    targets = [("base", recipe.run.model), ("pruned", str(folder.pruned))]
+    targets += [(f"control-{s}", str(folder.control(s))) for s in seeds]
     if recipe.finetune is not None:
-        targets.append(("finetuned", str(folder.finetuned), [folder.finetuned]))
+        targets.append(("finetuned", str(folder.finetuned)))
         if recipe.control.finetune_base:
-            targets.append(("base-finetuned", str(folder.base_finetuned),
-                            [folder.base_finetuned]))
+            targets.append(("base-finetuned", str(folder.base_finetuned)))
         if recipe.control.finetune:
-            targets += [(f"control-{s}-finetuned", str(folder.control(s, True)),
-                         [folder.control(s, True)]) for s in seeds]
+            targets += [(f"control-{s}-finetuned", str(folder.control(s, True))) for s in seeds]
     return targets
 
 

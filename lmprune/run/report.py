@@ -7,21 +7,19 @@ map, the checkpoints' lmprune.json, the relearning curve), so the report says wh
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from lmprune.core.io import save_figure_atomic, write_text_atomic
-from lmprune.evaluate.command import read_records
+from lmprune.core.lineage import read_lineage
+from lmprune.core.module_map import read_module_map
+from lmprune.evaluate.results import read_records, read_result
+from lmprune.finetune.command import read_curve
 from lmprune.run.recipe import eval_targets, final_target, like_targets, transfer_name
 
 PLOT_FILE = "toxicity_vs_perplexity.png"
 CONTENT_WARNING = ("> **Content warning.** The examples below are model outputs for prompts "
                    "chosen to provoke offensive text; they contain offensive language.")
-
-
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -384,16 +382,16 @@ def write_run_report(folder, recipe) -> Path:
     from lmprune.publish.modelcard import write_model_card
 
     run_dir = folder.root
-    evals = {name: _read_json(folder.eval_json(name))
-             for name, _, _ in eval_targets(recipe, folder)}
-    lineage = _read_json(folder.pruned / "lmprune.json") or {}
+    evals = {name: read_result(folder.eval_json(name))
+             for name, _ in eval_targets(recipe, folder)}
+    lineage = read_lineage(folder.pruned) or {}
 
     def zeroed(name: str) -> int | None:
         checkpoint = {"base": None, "pruned": folder.pruned, "finetuned": folder.finetuned,
                       "base-finetuned": folder.base_finetuned}.get(name)
         if checkpoint is None and name.startswith("control-"):
             checkpoint = run_dir / name
-        meta = _read_json(checkpoint / "lmprune.json") if checkpoint else None
+        meta = read_lineage(checkpoint) if checkpoint else None
         return (meta or {}).get("num_pruned", 0 if checkpoint else None)
 
     labels = {"base": "base (unpruned)", "pruned": "after pruning",
@@ -426,10 +424,10 @@ def write_run_report(folder, recipe) -> Path:
     lines += ["", protocol_text(base_ev), ""]
     lines += like_for_like_section(folder, recipe)
 
-    mmap = _read_json(folder.modules)
+    mmap = read_module_map(folder.modules) if folder.modules.is_file() else None
     if mmap:
         lines += modules_section(mmap, lineage, run_dir, folder.modules)
-    curve = _read_json(folder.finetuned / "relearning.json")
+    curve = read_curve(folder.finetuned)
     if curve:
         lines += relearning_section(curve, run_dir, folder.finetuned / "relearning.png")
     shown = [(label(name), folder.eval_json(name), ev) for name, ev in evals.items()

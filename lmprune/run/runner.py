@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from lmprune.core.config import StageSpec
 from lmprune.core.errors import ConfigError, LmpruneError
 from lmprune.core.io import write_text_atomic
 from lmprune.evaluate.command import EvalConfig
@@ -98,6 +99,29 @@ class Stage:
         return digest({"settings": text.replace(str(root), "<run>"),
                         "inputs": [path_hash(p) for p in self.inputs],
                         "sources": [source_hash(s) for s in self.sources]})
+
+
+def planned(spec: StageSpec, config, root: Path, name: str | None = None) -> Stage:
+    """The stage of a registered spec, wired from its config: its outputs are the spec's output
+    fields; every path it reads (the model, the spec's inputs and sources, its corpora) counts
+    as an input where it lies inside the run folder (a stage made it: hashed by content when
+    reached) and as a source elsewhere (a model name or corpus spec, hashed by content where
+    local)."""
+    def values(names) -> list[str]:
+        found = []
+        for key in names:
+            value = getattr(config, key, None)
+            found += [str(v) for v in (value if isinstance(value, list) else [value]) if v]
+        return found
+
+    root = Path(root).resolve()
+    inputs, sources = [], []
+    for value in values(["model", *spec.inputs, *spec.sources, *spec.corpus_keys]):
+        inside = Path(value).resolve().is_relative_to(root)
+        (inputs if inside else sources).append(Path(value) if inside else value)
+    step = spec.step or (lambda cfg, resume: spec.run(cfg))
+    return Stage(name or spec.name, config, lambda resume: step(config, resume),
+                 [Path(v) for v in values(spec.outputs)], inputs, sources)
 
 
 class StageFolder:

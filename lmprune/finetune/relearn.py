@@ -19,17 +19,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmprune.core.config import option, register_stage
+from lmprune.core.config import StageSpec, option
 from lmprune.core.data import Corpus
 from lmprune.core.errors import ConfigError, LmpruneError
-from lmprune.core.io import read_json, save_figure_atomic
+from lmprune.core.io import save_figure_atomic
 from lmprune.core.lineage import read_lineage
+from lmprune.core.training import fresh_unless_resumed
 from lmprune.finetune.command import (
-    CURVE_FILE,
     FinetuneConfig,
     build_evaluator,
     check_finetune_config,
     finetune,
+    read_curve,
     training_corpus,
     write_curve,
 )
@@ -143,7 +144,7 @@ def relearn(config: RelearnConfig) -> dict:
     corpus = attack_corpus(config)
     evaluate = build_evaluator(config, config.extra_scorers, judge_model(config))
     out = finetune(config, evaluate, corpus=corpus, hold_masks=config.masks == "held")
-    curve = read_json(Path(out) / CURVE_FILE, "run the attack again with --overwrite")
+    curve = read_curve(out, "run the attack again with --overwrite")
     curve[SUMMARY_KEY] = summarize(curve, config, corpus)
     curve["title"] = f"relearning attack: {config.docs} offensive documents, masks {config.masks}"
     write_curve(curve, out)
@@ -152,11 +153,8 @@ def relearn(config: RelearnConfig) -> dict:
 
 def read_attack(folder: str | Path) -> dict | None:
     """An attack's summary and its Toxicity Probability curves per scorer (None before it ran)."""
-    path = Path(folder) / CURVE_FILE
-    if not path.is_file():
-        return None
-    curve = read_json(path, "run the comparison again to redo this attack")
-    summary = curve.get(SUMMARY_KEY)
+    curve = read_curve(folder, "run the comparison again to redo this attack")
+    summary = (curve or {}).get(SUMMARY_KEY)
     if summary is None:  # killed before the summary was written
         return None
     points = sorted(curve["points"], key=lambda p: p["step"])
@@ -236,7 +234,10 @@ def run(config: RelearnConfig) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    register_stage(subparsers, "relearn", RelearnConfig, run,
-                   help="Relearning attack: fine-tune a checkpoint on N unseen offensive "
-                        "documents and count the steps until its toxicity comes back.")
+STAGE = StageSpec(
+    "relearn", RelearnConfig, run,
+    help="Relearning attack: fine-tune a checkpoint on N unseen offensive documents and count "
+         "the steps until its toxicity comes back.",
+    wired=("model", "base_model"), sources=("base_model",),
+    step=fresh_unless_resumed(run))
+register = STAGE.register

@@ -22,11 +22,12 @@ from lmprune.core.ablation import (
     toxic_token_ids,
 )
 from lmprune.core.arch import NeuronMap
-from lmprune.core.config import option, register_stage
+from lmprune.core.config import StageSpec, option
 from lmprune.core.errors import LmpruneError
-from lmprune.core.io import check_out_file, load_tensors, read_json
+from lmprune.core.io import check_out_file
 from lmprune.core.module_map import FORMAT as MODULE_MAP_FORMAT
 from lmprune.core.module_map import write_module_map
+from lmprune.core.stats_folder import MANIFEST_FILE, read_stats
 from lmprune.locate.cluster import cluster, clusterability
 from lmprune.locate.graph import correlation_from_gram, knn_affinity
 from lmprune.locate.screen import output_promotion, screen_and_score
@@ -95,26 +96,6 @@ class LocateConfig:
     seed: int = option(0, "Seed for clustering, controls and shuffles.")
     plots: bool = option(True, "Write PNG plots beside the module map.")
     overwrite: bool = option(False, "Replace an existing --out file that is not a module map.")
-
-
-def read_stats(folder: str | Path) -> tuple[dict, dict, dict]:
-    """(manifest, per-neuron stats, co-activation stats) of a collect output folder."""
-    folder = Path(folder)
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.is_file():
-        raise LmpruneError(f"{folder} has no manifest.json: run `lmprune collect --out {folder}`")
-    manifest = read_json(manifest_path, "collect the statistics again")
-    if not isinstance(manifest.get("model"), dict) or not isinstance(manifest.get("corpora"), dict):
-        raise LmpruneError(f"{manifest_path} is not a collect manifest (no 'model' and "
-                           f"'corpora'): collect the statistics again")
-    if not manifest.get("complete", False):
-        raise LmpruneError(f"{folder} holds an unfinished collection: rerun the same "
-                           f"`lmprune collect` command to resume it")
-    for name in ("stats.safetensors", "coact.safetensors"):
-        if not (folder / name).is_file():
-            raise LmpruneError(f"{folder} has no {name}: the collection is incomplete")
-    return (manifest, load_tensors(folder / "stats.safetensors", "collect the statistics again"),
-            load_tensors(folder / "coact.safetensors", "collect the statistics again"))
 
 
 def _layer_graphs(cfg: LocateConfig, coact: dict, candidates: np.ndarray | None = None
@@ -325,7 +306,7 @@ def locate(cfg: LocateConfig) -> dict:
         "num_layers": int(auroc.shape[0]),
         "neurons_per_layer": int(auroc.shape[1]),
         "stats": {"path": str(Path(cfg.stats).resolve()),
-                  "manifest_sha256": file_sha256(Path(cfg.stats) / "manifest.json")},
+                  "manifest_sha256": file_sha256(Path(cfg.stats) / MANIFEST_FILE)},
         "settings": asdict(cfg),
         "heldout": {"offensive": off_info, "clean": clean_info, "general": general_info,
                     "offensive_loss": cfg.offensive_loss,
@@ -380,7 +361,7 @@ def run(cfg: LocateConfig) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    register_stage(subparsers, "locate", LocateConfig, run,
-                   "Cluster co-activation graphs into modules; score them against controls.")
-
+STAGE = StageSpec("locate", LocateConfig, run,
+                  "Cluster co-activation graphs into modules; score them against controls.",
+                  inputs=("stats",))
+register = STAGE.register
