@@ -275,6 +275,7 @@ def test_killed_run_completes_when_run_again(inputs, tmp_path, finished):
     (lambda v: v.update(colect={}), "recipe: unknown key(s) colect"),
     (lambda v: v["prune"].update(select="best:3"), "prune.select: --select must be"),
     (lambda v: v["eval"].update(fail_above=["toxicity=0.3"]), "eval: --fail-above"),
+    (lambda v: v["eval"].update(blimp="skip"), "eval: BLiMP file not found: skip"),
 ])
 def test_bad_recipe_is_refused_before_any_output(inputs, tmp_path, capsys, edit, message):
     values = recipe_values(inputs, tmp_path / "run")

@@ -92,12 +92,25 @@ def _pair(record: dict) -> BlimpPair:
                      record["sentence_good"], record["sentence_bad"])
 
 
-def _read_jsonl(path: Path, spec: str) -> list[BlimpPair]:
+def check_blimp_file(spec: str) -> None:
+    """A local BLiMP file that is missing, named before any work (a Hub set is read later)."""
+    resolved = resolve_blimp(spec)
+    if not resolved.startswith("hf:"):
+        _local_file(Path(resolved), spec)
+
+
+def _local_file(path: Path, spec: str) -> Path:
     path = path.expanduser()
     if not path.is_file():
         hint = (f"set LMPRUNE_DATA_DIR to the shared data folder (the one holding {BLIMP_FILE})"
-                if spec == BLIMP_SPEC else f"give '{BLIMP_SPEC}' or a .jsonl file of BLiMP pairs")
+                if spec == BLIMP_SPEC else f"give '{BLIMP_SPEC}' or a .jsonl file of BLiMP pairs, "
+                f"or 'none' to skip BLiMP")
         raise LmpruneError(f"BLiMP file not found: {path}; {hint}")
+    return path
+
+
+def _read_jsonl(path: Path, spec: str) -> list[BlimpPair]:
+    path = _local_file(path, spec)
     pairs = []
     try:
         for lineno, record in json_lines(path):

@@ -243,6 +243,10 @@ def check_config(config: EvalConfig) -> list[Gate]:
     measured["fluency"] = measured["toxicity"] and config.fluency_judge.lower() != SKIP
     if not any(measured.values()):
         raise LmpruneError("nothing to evaluate: toxicity, perplexity and BLiMP are skipped")
+    if measured["blimp"]:
+        from lmprune.evaluate.blimp import check_blimp_file
+
+        check_blimp_file(config.blimp)
     if config.limit is not None and config.limit < 1:
         raise ConfigError("limit", f"must be at least 1, not {config.limit}")
     for gate in gates:
