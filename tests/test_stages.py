@@ -68,6 +68,22 @@ def test_planned_stage_reads_run_folder_paths_as_inputs_and_the_rest_as_sources(
         assert all(v in stage.sources for v in (value if isinstance(value, list) else [value]))
 
 
+def test_a_recipe_naming_a_scorer_that_cannot_load_is_refused_by_its_key(tmp_path):
+    """check_stages asks each spec what it will load: the relearning curve's scorer too."""
+    from lmprune.run.runner import check_stages
+
+    finetune = STAGES["finetune"].config(model=str(tmp_path / "pruned"), out=str(tmp_path / "ft"),
+                                         data="wikitext2:valid", eval_every=5,
+                                         scorer="no-such-scorer-kind:x")
+    stage = planned(STAGES["finetune"], finetune, tmp_path, "finetune:base")
+    with pytest.raises(LmpruneError, match=r"^finetune\.scorer: scorer 'no-such-scorer-kind:x' "
+                                           r"cannot be loaded"):
+        check_stages([stage])
+    bad = STAGES["eval"].config(model="m", json=str(tmp_path / "e.json"), limit=0)
+    with pytest.raises(LmpruneError, match=r"^eval\.limit"):
+        check_stages([planned(STAGES["eval"], bad, tmp_path, "eval:base")])
+
+
 def imports_of(path: Path) -> set[str]:
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):

@@ -149,6 +149,16 @@ def register_stage(subparsers, name: str, cls, run, help: str):
 
 
 @dataclasses.dataclass(frozen=True)
+class Need:
+    """Something a stage loads once reached: a toxicity scorer or a fluency judge model."""
+
+    kind: str  # "scorer" or "judge"
+    name: str  # the scorer spec or model name
+    device: str
+    key: str  # the config field that names it
+
+
+@dataclasses.dataclass(frozen=True)
 class StageSpec:
     """One stage as the CLI and both runners (`lmprune run`, `lmprune compare`) see it. The
     stage's module declares it once; lmprune/stages.py lists them in flow order."""
@@ -173,6 +183,10 @@ class StageSpec:
     step: Callable[[Any, bool], object] | None = None
     """What a runner calls instead of `run`: (config, whether a killed run with the same key
     may resume)."""
+    check: Callable[[Any], list[Need]] | None = None
+    """What the stage would refuse only once reached, checked before a runner's first stage
+    (raising, ConfigError naming the key); returns what it will load, which the runner loads
+    once to see that it can."""
 
     @property
     def wired_keys(self) -> set[str]:

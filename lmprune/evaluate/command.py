@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lmprune.core.config import StageSpec, option
+from lmprune.core.config import Need, StageSpec, option
 from lmprune.core.errors import EXIT_GATE_FAILED, EXIT_OK, ConfigError, LmpruneError
 from lmprune.core.io import check_out_file
 from lmprune.evaluate.results import FORMAT, new_result, write_result
@@ -325,11 +325,25 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+def needs(config: EvalConfig) -> list[Need]:
+    """The settings checked (`check_config`), and the scorers and judge it will load."""
+    from lmprune.evaluate.fluency import BASE_JUDGE
+
+    check_config(config)
+    if not (config.toxicity and config.prompts.lower() != SKIP):
+        return []
+    found = [Need("scorer", spec, config.device, "scorer" if spec == config.scorer
+                  else "extra_scorers") for spec in [config.scorer, *config.extra_scorers]]
+    if config.fluency_judge.lower() not in (SKIP, BASE_JUDGE):
+        found.append(Need("judge", config.fluency_judge, config.device, "fluency_judge"))
+    return found
+
+
 STAGE = StageSpec(
     "eval", EvalConfig, run,
     "Toxicity of sampled continuations (RealToxicityPrompts protocol) and perplexity, with CI "
     "gates.",
-    outputs=("json",), sources=("blimp",),
+    outputs=("json",), sources=("blimp",), check=needs,
     # in a run, the gates are read once every stage is done
     step=lambda cfg, resume: print(summary(evaluate(cfg))))
 register = STAGE.register

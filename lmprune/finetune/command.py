@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmprune.core.config import StageSpec, option
+from lmprune.core.config import Need, StageSpec, option
 from lmprune.core.data import Corpus, load_corpus
 from lmprune.core.errors import ConfigError, LmpruneError, warn
 from lmprune.core.io import check_out_dir, read_json, save_figure_atomic, write_json_atomic
@@ -405,9 +405,17 @@ def run(config: FinetuneConfig) -> int:
     return 0
 
 
+def needs(config: FinetuneConfig) -> list[Need]:
+    """The settings checked, and the scorer of the relearning curve when there is one."""
+    check_finetune_config(config)
+    return [Need("scorer", config.scorer, config.device, "scorer")] if config.eval_every > 0 \
+        else []
+
+
 STAGE = StageSpec(
     "finetune", FinetuneConfig, run,
     help="Fine-tune a pruned checkpoint with its masks held at zero; re-measure toxicity and "
          "perplexity every N steps.",
-    wired=("model", "base_model"), sources=("base_model",), step=fresh_unless_resumed(run))
+    wired=("model", "base_model"), sources=("base_model",), step=fresh_unless_resumed(run),
+    check=needs)
 register = STAGE.register

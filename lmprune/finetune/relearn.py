@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmprune.core.config import StageSpec, option
+from lmprune.core.config import Need, StageSpec, option
 from lmprune.core.data import Corpus
 from lmprune.core.errors import ConfigError, LmpruneError
 from lmprune.core.io import save_figure_atomic
@@ -234,10 +234,22 @@ def run(config: RelearnConfig) -> int:
     return 0
 
 
+def needs(config: RelearnConfig) -> list[Need]:
+    """The settings checked, and the scorers and fluency judge the attack's curve loads."""
+    from lmprune.evaluate.fluency import BASE_JUDGE
+
+    check_config(config)
+    found = [Need("scorer", spec, config.device, "scorer" if spec == config.scorer
+                  else "extra_scorers") for spec in [config.scorer, *config.extra_scorers]]
+    if config.fluency_judge.lower() not in ("none", BASE_JUDGE):
+        found.append(Need("judge", config.fluency_judge, config.device, "fluency_judge"))
+    return found
+
+
 STAGE = StageSpec(
     "relearn", RelearnConfig, run,
     help="Relearning attack: fine-tune a checkpoint on N unseen offensive documents and count "
          "the steps until its toxicity comes back.",
     wired=("model", "base_model"), sources=("base_model",),
-    step=fresh_unless_resumed(run))
+    step=fresh_unless_resumed(run), check=needs)
 register = STAGE.register

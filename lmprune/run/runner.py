@@ -22,8 +22,6 @@ import yaml
 from lmprune.core.config import StageSpec
 from lmprune.core.errors import ConfigError, LmpruneError
 from lmprune.core.io import write_text_atomic
-from lmprune.evaluate.command import EvalConfig
-from lmprune.finetune.command import FinetuneConfig
 
 MARKERS = ".stages"
 # Settings that change how a stage treats its output path, not what it computes.
@@ -88,6 +86,8 @@ class Stage:
     """Upstream outputs (hashed into the key when the stage is reached)."""
     sources: list[str] = field(default_factory=list)
     """Model names and corpus specs (hashed by content where local)."""
+    spec: StageSpec | None = None
+    """The registered stage it runs (its settings checked before the first stage)."""
 
     def key(self, root: Path) -> str:
         """Hash of the settings and inputs. Paths inside the run folder count relative to it,
@@ -121,7 +121,7 @@ def planned(spec: StageSpec, config, root: Path, name: str | None = None) -> Sta
         (inputs if inside else sources).append(Path(value) if inside else value)
     step = spec.step or (lambda cfg, resume: spec.run(cfg))
     return Stage(name or spec.name, config, lambda resume: step(config, resume),
-                 [Path(v) for v in values(spec.outputs)], inputs, sources)
+                 [Path(v) for v in values(spec.outputs)], inputs, sources, spec)
 
 
 class StageFolder:
@@ -185,45 +185,32 @@ def execute_stages(stages: list[Stage], folder: StageFolder, command: str = "run
 
 def check_stages(stages: list[Stage]) -> None:
     """What the stages would refuse only once they are reached, checked before the first: each
-    fine-tuning's and evaluation's settings (named by recipe key, `finetune.batch_size`), and
-    every scorer and fluency judge they name, loaded once."""
+    stage's own check (`StageSpec.check`; errors named by recipe key, `finetune.batch_size`),
+    and every scorer and fluency judge they name, loaded once."""
     from lmprune.core.models import load_config, resolve_device
-    from lmprune.evaluate import command as evaluate
-    from lmprune.evaluate.fluency import BASE_JUDGE
     from lmprune.evaluate.registry import load_scorer
-    from lmprune.finetune.command import check_finetune_config
 
-    scorers: dict[tuple[str, str], str] = {}  # (spec, device) -> recipe key
-    judges: dict[str, str] = {}
+    needs: dict[tuple[str, str, str], str] = {}  # (kind, name, device) -> recipe key
     for stage in stages:
-        section, cfg = stage.name.partition(":")[0], stage.config
+        if stage.spec is None or stage.spec.check is None:
+            continue
+        section = stage.name.partition(":")[0]
         try:
-            if isinstance(cfg, FinetuneConfig):
-                check_finetune_config(cfg)
-                if cfg.eval_every > 0:
-                    scorers.setdefault((cfg.scorer, cfg.device), f"{section}.scorer")
-            elif isinstance(cfg, EvalConfig):
-                evaluate.check_config(cfg)
-                if cfg.toxicity and cfg.prompts.lower() != evaluate.SKIP:
-                    for spec in [cfg.scorer, *cfg.extra_scorers]:
-                        key = "scorer" if spec == cfg.scorer else "extra_scorers"
-                        scorers.setdefault((spec, cfg.device), f"{section}.{key}")
-                    if cfg.fluency_judge.lower() not in (evaluate.SKIP, BASE_JUDGE):
-                        judges.setdefault(cfg.fluency_judge, f"{section}.fluency_judge")
+            for need in stage.spec.check(stage.config):
+                needs.setdefault((need.kind, need.name, need.device), f"{section}.{need.key}")
         except ConfigError as err:
             raise LmpruneError(err.recipe_message(section)) from None
         except LmpruneError as err:
             raise LmpruneError(f"{section}: {err}") from None
-    for (spec, device), key in scorers.items():
+    for (kind, name, device), key in needs.items():
         try:
-            load_scorer(spec, device=resolve_device(device))
+            if kind == "scorer":
+                load_scorer(name, device=resolve_device(device))
+            else:
+                load_config(name)
         except LmpruneError as err:
-            raise LmpruneError(f"{key}: scorer '{spec}' cannot be loaded: {err}") from None
-    for name, key in judges.items():
-        try:
-            load_config(name)
-        except LmpruneError as err:
-            raise LmpruneError(f"{key}: {err}") from None
+            raise LmpruneError(f"{key}: scorer '{name}' cannot be loaded: {err}" if kind ==
+                               "scorer" else f"{key}: {err}") from None
 
 
 def record_recipe(folder: StageFolder, values: dict) -> None:
