@@ -60,7 +60,7 @@ def test_corpus_fields_come_from_the_declarations_and_every_one_is_checked(tmp_p
     from lmprune.run.recipe import SECTIONS, check_inputs, parse_recipe
 
     assert corpus_fields(CollectConfig) == ["offensive", "clean"]
-    assert corpus_fields(FinetuneConfig) == ["data", "eval_prompts", "ppl_data"]
+    assert corpus_fields(FinetuneConfig) == ["eval_prompts", "ppl_data", "data"]
     checked = {f"{section}.{key}" for section, cls in SECTIONS.items()
                for key in corpus_fields(cls)}
     assert checked == {"collect.offensive", "collect.clean", "locate.general", "prune.offensive",

@@ -19,14 +19,16 @@ from pathlib import Path
 
 import yaml
 
+from lmprune.core.config import unhashed
 from lmprune.core.errors import ConfigError, LmpruneError
 from lmprune.core.io import write_text_atomic
 from lmprune.evaluate.command import EvalConfig
 from lmprune.finetune.command import FinetuneConfig
 
 MARKERS = ".stages"
-# Settings that change how a stage treats its output path, not what it computes.
-UNHASHED = {"overwrite"}
+# Settings that change how a stage treats its output path, not what it computes: the fields a
+# config declares with option(stage_key=False).
+UNHASHED = unhashed
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,7 +95,7 @@ class Stage:
         so a moved or copied run folder is still up to date."""
         config = dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) \
             else self.config
-        config = {k: v for k, v in config.items() if k not in UNHASHED}
+        config = {k: v for k, v in config.items() if k not in UNHASHED(self.config)}
         text = json.dumps({"stage": self.name, "config": config}, sort_keys=True, default=str)
         return digest({"settings": text.replace(str(root), "<run>"),
                         "inputs": [path_hash(p) for p in self.inputs],
