@@ -460,16 +460,16 @@ def act_edit(config: ActConfig, loaded, offensive: Corpus, clean: Corpus) -> dic
 
 
 def run(config: ActConfig) -> int:
-    from lmprune.core.models import load_model, save_model, skeleton
+    from lmprune.core.models import save_model
 
     check_config(config)
     if not config.out:
         raise LmpruneError("--out DIR is required (the folder of the edited checkpoint)")
     check_out_dir(config.out, "checkpoint", config.overwrite)
     # layers and the fold checked on the model built without weights: bad input costs no load
-    check_model(config, NeuronMap(skeleton(config.model)))
+    check_model(config, NeuronMap(config.skeleton()))
     offensive, clean = read_corpora(config)
-    loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+    loaded = config.load()
     meta = act_edit(config, loaded, offensive, clean)
     save_model(loaded.model, loaded.tokenizer, config.out,
                extra_files={LINEAGE_FILE: meta}, overwrite=config.overwrite)

@@ -259,15 +259,15 @@ def dpo_train(config: DpoConfig, loaded, train: Pairs, held_out: Pairs | None) -
 
 
 def run(config: DpoConfig) -> int:
-    from lmprune.core.models import load_config, load_model, save_model
+    from lmprune.core.models import save_model
 
     check_config(config)
     if not config.out:
         raise LmpruneError("--out DIR is required (the folder of the trained checkpoint)")
     check_out_dir(config.out, "checkpoint", config.overwrite)
-    load_config(config.model)  # an unknown or unsupported model costs no weights read
+    config.load_config()  # an unknown or unsupported model costs no weights read
     train, held_out = read_pairs(config)
-    loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+    loaded = config.load()
     meta = dpo_train(config, loaded, train, held_out)
     save_model(loaded.model, loaded.tokenizer, config.out,
                extra_files={LINEAGE_FILE: meta}, overwrite=config.overwrite)

@@ -258,7 +258,7 @@ def profs_edit(config: ProfsConfig, loaded, pairs: Pairs) -> dict:
 
 
 def run(config: ProfsConfig) -> int:
-    from lmprune.core.models import load_model, save_model, skeleton
+    from lmprune.core.models import save_model
 
     check_config(config)
     if not config.out:
@@ -266,8 +266,8 @@ def run(config: ProfsConfig) -> int:
     check_out_dir(config.out, "checkpoint", config.overwrite)
     pairs = read_pairs(config)
     # layers and rank checked on the model built without weights: bad input costs no load
-    check_model(config, NeuronMap(skeleton(config.model)))
-    loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+    check_model(config, NeuronMap(config.skeleton()))
+    loaded = config.load()
     meta = profs_edit(config, loaded, pairs)
     save_model(loaded.model, loaded.tokenizer, config.out,
                extra_files={LINEAGE_FILE: meta}, overwrite=config.overwrite)

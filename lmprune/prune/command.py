@@ -499,12 +499,12 @@ def prune_model(config: PruneConfig, loaded) -> dict:
 
 
 def run(config: PruneConfig) -> int:
-    from lmprune.core.models import load_model, save_model
+    from lmprune.core.models import save_model
 
     if not config.out:
         raise LmpruneError("--out DIR is required (the folder of the pruned checkpoint)")
     check_out_dir(config.out, "checkpoint", config.overwrite)
-    loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+    loaded = config.load()
     meta = prune_model(config, loaded)
     save_model(loaded.model, loaded.tokenizer, config.out,
                extra_files={LINEAGE_FILE: meta}, overwrite=config.overwrite)
