@@ -32,7 +32,7 @@ from lmprune.cli import main as lmprune_main  # noqa: E402
 from lmprune.compare import load_compare  # noqa: E402
 from lmprune.core.ablation import TokenBatches, summed_nll  # noqa: E402
 from lmprune.core.models import load_model  # noqa: E402
-from lmprune.locate.run import LocateConfig, locate  # noqa: E402
+from lmprune.locate.command import LocateConfig, locate  # noqa: E402
 
 
 def collect_once(out: Path, docs: int) -> None:

@@ -334,7 +334,7 @@ def test_bad_input_is_refused(induced, tmp_path):
         (dict(model=str(induced / "out"), module=f"{induced / 'out' / 'modules.json'}:7"),
          "module 7 is not in"),
         (dict(module="modules.json"), "PATH/modules.json:ID"),
-        (dict(neurons_per_layer=4, labelled_fraction=1.5), "between 0 and 1"),
+        (dict(neurons_per_layer=4, labelled_fraction=1.5), r"within \[0, 1\], not 1.5"),
         (dict(neurons_per_layer=4, probe_every=5, probe_docs=200), "holds out --probe-docs 200"),
         (dict(neurons_per_layer=4, probe_every=5, probe_random=1), "--probe-random must be at"),
     ]

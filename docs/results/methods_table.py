@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from lmprune.evaluate.reference import row_metrics
-from lmprune.relearn.command import plot_attacks, read_attack
+from lmprune.finetune.relearn import plot_attacks, read_attack
 
 COMPARED = Path("runs/frontier-cpu60/rows")
 ATTACKED = Path("runs/relearn-cpu60")

@@ -1,10 +1,10 @@
 """The table and plot of README "Relearning attack" from the attack folders, read with
-lmprune.relearn.command's own readers: python docs/results/relearn_table.py ATTACKS_DIR OUT.png"""
+lmprune.finetune.relearn's own readers: python docs/results/relearn_table.py ATTACKS_DIR OUT.png"""
 
 import sys
 from pathlib import Path
 
-from lmprune.relearn.command import attack_table, plot_attacks, read_attack
+from lmprune.finetune.relearn import attack_table, plot_attacks, read_attack
 
 root = Path(sys.argv[1])
 attacks = {folder.name: found for folder in sorted(root.iterdir())

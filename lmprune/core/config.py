@@ -1,7 +1,11 @@
 """Stage configs as dataclasses: the same fields make CLI flags and YAML recipe keys.
 
 Each field carries its help text in `metadata["help"]` (as TRL does), so `--help`, recipes and
-code read one definition.
+code read one definition; its bounds (`check_bounds`) and whether it is part of a resume
+fingerprint or a stage key (`fingerprint_fields`, `unhashed`) are metadata too. Settings that
+several stages share are declared once, in lmprune/core/specs.py, as `Spec` classes the stage
+configs inherit (`redeclare` changes a default or help text, `prefixed` copies them under other
+names).
 """
 
 from __future__ import annotations
@@ -21,19 +25,170 @@ import yaml
 from lmprune.core.errors import ConfigError, LmpruneError
 
 
-def option(default, help: str, corpus: bool = False, **extra):
+def option(default, help: str, corpus: bool = False, *, min=None, max=None, above=None,
+           fingerprint: bool = True, stage_key: bool = True, **extra):
     """A config field: default, help text, and argparse extras (positional=True, choices=...).
-    `corpus`: the value is a corpus spec, checked before a recipe starts (`corpus_fields`)."""
+    `corpus`: the value is a corpus spec, checked before a recipe starts (`corpus_fields`).
+    `min` and `max` (inclusive) and `above` (exclusive) bound a number: `check_bounds` refuses
+    a value outside them by name (None is always allowed).
+    `fingerprint=False`: not compared when a killed run resumes from its checkpoint
+    (`fingerprint_fields`: it changes nothing that is trained, or the fingerprint holds what it
+    produces). `stage_key=False`: not in a runner's stage key either (`unhashed`): it changes
+    how a stage treats its output, not what the stage computes."""
     if corpus:
         extra["corpus"] = True
+    extra.update({k: v for k, v in (("min", min), ("max", max), ("above", above))
+                  if v is not None})
+    if not stage_key:
+        extra["stage_key"] = fingerprint = False
+    if not fingerprint:
+        extra["fingerprint"] = False
+    return _field(default, {"help": help, **extra})
+
+
+def _field(default, metadata: dict):
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
-    return field(default=default, metadata={"help": help, **extra})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def corpus_fields(cls) -> list[str]:
     """The fields of a config class that name corpora (declared with `option(corpus=True)`)."""
     return [f.name for f in dataclasses.fields(cls) if f.metadata.get("corpus")]
+
+
+# --------------------------------------------------------------------------------------------
+# Bounds, fingerprints and stage keys, read from the fields' metadata
+
+
+def _bound_problem(meta, value) -> str | None:
+    """Why `value` is outside the bounds in `meta` (None when inside, or unbounded)."""
+    low, high, strict = meta.get("above", meta.get("min")), meta.get("max"), "above" in meta
+    if value is None or isinstance(value, bool) or (low is None and high is None):
+        return None
+    # written as "not inside" so that NaN, which compares false, is outside every bound
+    inside = low is None or (value > low if strict else value >= low)
+    if inside and (high is None or value <= high):
+        return None
+    if low is not None and high is not None:
+        return f"must be within {'(' if strict else '['}{low}, {high}], not {value}"
+    if high is not None:
+        return f"must be at most {high}, not {value}"
+    return f"must be {'above' if strict else 'at least'} {low}, not {value}"
+
+
+def check_bounds(config) -> None:
+    """Refuse a value outside its field's declared bounds (`option(min=, max=, above=)`; every
+    item of a list): ConfigError naming the field (`--batch-size must be at least 1, not 0`; a
+    recipe names it `section.batch_size`)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        for item in value if isinstance(value, list) else [value]:
+            problem = _bound_problem(f.metadata, item)
+            if problem:
+                raise ConfigError(f.name, problem)
+
+
+def fingerprint_fields(config) -> list[str]:
+    """The settings a killed run must share with this one to resume from its checkpoint: the
+    fields not declared with `fingerprint=False` (a config class or instance)."""
+    return [f.name for f in dataclasses.fields(config) if f.metadata.get("fingerprint", True)]
+
+
+def fingerprint_values(config) -> dict:
+    """{field: value} of `fingerprint_fields(config)`."""
+    return {name: getattr(config, name) for name in fingerprint_fields(config)}
+
+
+def unhashed(config) -> set[str]:
+    """The settings left out of a runner's stage key: the fields declared with
+    `stage_key=False` (none for a config that is not a dataclass)."""
+    if not dataclasses.is_dataclass(config):
+        return set()
+    return {f.name for f in dataclasses.fields(config) if not f.metadata.get("stage_key", True)}
+
+
+# --------------------------------------------------------------------------------------------
+# Shared declarations: Spec, redeclare, prefixed
+
+
+class _Redeclared:
+    """A marker `redeclare` leaves in a class body, made into a field by `Spec`."""
+
+    def __init__(self, default, changes: dict):
+        self.default, self.changes = default, changes
+
+
+def redeclare(default=dataclasses.MISSING, help: str | None = None, **changes):
+    """In the body of a subclass of a `Spec`, `name = redeclare(...)` makes the inherited field
+    `name` anew with another default and/or help text, or other bounds (`min=`, ...), narrower
+    `choices=` or fingerprint membership; its type and every other part come from the one
+    declaration. `prefixed` takes these too."""
+    if help is not None:
+        changes["help"] = help
+    return _Redeclared(default, changes)
+
+
+def _redeclared_field(f: dataclasses.Field, change: _Redeclared):
+    meta = {**f.metadata, **change.changes}
+    if meta.get("stage_key", True) is False:
+        meta["fingerprint"] = False
+    default = change.default
+    if default is dataclasses.MISSING:
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return _field(default, meta)
+
+
+class Spec:
+    """Base of the setting groups several stage configs share (lmprune/core/specs.py) and so of
+    the configs that inherit them: their fields stay flat (the same flags and recipe keys as
+    fields declared in the config itself). A class attribute `name = redeclare(...)` in the body
+    of a subclass becomes the inherited field `name` with those changes."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        changes = {k: v for k, v in vars(cls).items() if isinstance(v, _Redeclared)}
+        if not changes:
+            return
+        if "__annotations__" not in vars(cls):
+            cls.__annotations__ = {}
+        annotations = vars(cls)["__annotations__"]
+        for name, change in changes.items():
+            base = next((b for b in cls.__mro__[1:]
+                         if name in getattr(b, "__dataclass_fields__", {})), None)
+            if base is None:
+                raise TypeError(f"{cls.__name__}.{name}: no inherited field to redeclare")
+            annotations[name] = typing.get_type_hints(base)[name]  # the declared type
+            setattr(cls, name, _redeclared_field(base.__dataclass_fields__[name], change))
+
+
+def prefixed(spec: type, prefix: str, keep: tuple[str, ...] = (), **redeclared) -> type:
+    """The fields of the dataclass `spec` as a mixin under other names: `prefix` + name (the
+    names in `keep` unchanged), each with the type, help, choices and bounds of its declaration;
+    `redeclared` maps a field of `spec` (by its own name) to `redeclare(...)`: another default,
+    say. The mixin has `spec`'s methods; `spec_values(config, spec)` reads its values back as a
+    `spec`."""
+    hints = typing.get_type_hints(spec)
+    names, fields = {}, []
+    for f in dataclasses.fields(spec):
+        names[f.name] = f.name if f.name in keep else prefix + f.name
+        change = redeclared.pop(f.name, None) or _Redeclared(dataclasses.MISSING, {})
+        fields.append((names[f.name], hints[f.name], _redeclared_field(f, change)))
+    if redeclared:
+        raise TypeError(f"{spec.__name__} has no field {', '.join(redeclared)}")
+    methods = {k: v for k, v in vars(spec).items() if callable(v) and not k.startswith("__")}
+    name = "".join(part.title() for part in prefix.split("_")) + spec.__name__
+    return dataclasses.make_dataclass(name, fields, bases=(Spec,), kw_only=True,
+                                      namespace={**methods, "_spec_names": {spec: names}})
+
+
+def spec_values(config, spec: type):
+    """The values of `spec`'s fields in `config` (which inherits `spec` or a `prefixed` copy of
+    it), as a `spec`."""
+    names = next((vars(k)["_spec_names"][spec] for k in type(config).__mro__
+                  if spec in vars(k).get("_spec_names", {})), None)
+    names = names or {f.name: f.name for f in dataclasses.fields(spec)}
+    return spec(**{own: getattr(config, name) for own, name in names.items()})
 
 
 def _base_type(tp):
@@ -92,7 +247,8 @@ def _check_value(cls_name: str, key: str, value, tp, is_list: bool):
 
 
 def build_config(cls, values: dict, where: str = ""):
-    """Make a `cls` from a mapping, refusing unknown keys and wrong types by name."""
+    """Make a `cls` from a mapping, refusing unknown keys, wrong types and values outside their
+    bounds by name."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     recipe = bool(where)  # a recipe section names its keys as section.key, the CLI as flags
@@ -104,14 +260,16 @@ def build_config(cls, values: dict, where: str = ""):
         )
     try:
         checked = {k: _check_value(where, k, v, *_base_type(hints[k])) for k, v in values.items()}
+        try:
+            config = cls(**checked)
+        except TypeError as err:  # a required field without a value
+            raise LmpruneError(f"{where}: {err}") from err
+        check_bounds(config)
     except ConfigError as err:
         if recipe:
             raise LmpruneError(err.recipe_message(where)) from None
         raise
-    try:
-        return cls(**checked)
-    except TypeError as err:  # a required field without a value
-        raise LmpruneError(f"{where}: {err}") from err
+    return config
 
 
 def config_from_args(cls, args: argparse.Namespace, yaml_path: str | None = None):

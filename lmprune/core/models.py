@@ -363,11 +363,12 @@ def check_identity(recorded: dict, identity: dict, nmap, where: str) -> None:
                                f"loaded {ours[0][:12]}...): collect and locate on this model")
 
 
-def skeleton(name: str) -> nn.Module:
+def skeleton(name: str, revision: str | None = None, trust_remote_code: bool = False
+             ) -> nn.Module:
     """The model `name` built on the meta device from its config (no weights read)."""
     from transformers import AutoModelForCausalLM
 
-    _, model_config = load_config(name)
+    _, model_config = load_config(name, revision, trust_remote_code)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(model_config)
 

@@ -11,9 +11,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lmprune.core.config import Need, StageSpec, option
-from lmprune.core.errors import EXIT_GATE_FAILED, EXIT_OK, ConfigError, LmpruneError
+from lmprune.core.config import Need, StageSpec, check_bounds, option, redeclare
+from lmprune.core.errors import EXIT_GATE_FAILED, EXIT_OK, LmpruneError
 from lmprune.core.io import check_out_file
+from lmprune.core.specs import ModelSpec, PerplexityProtocol, ToxicityProtocol
 from lmprune.evaluate.results import FORMAT, new_result, write_result
 
 SKIP = "none"
@@ -31,22 +32,14 @@ METRIC_ALIASES = {
 
 
 @dataclass
-class EvalConfig:
-    """Settings of `lmprune eval`."""
+class EvalConfig(PerplexityProtocol, ToxicityProtocol, ModelSpec):
+    """Settings of `lmprune eval`: the model, then how toxicity and perplexity are measured
+    (the protocols fine-tuning's relearning curve shares), then the rest."""
 
-    model: str = option("smollm2-135m", "Model: Hub id, local folder, .gguf file or bundled "
-                        "alias (smollm2-135m, gemma3-270m).")
-    dtype: str = option("auto", "Weights dtype.",
-                        choices=["auto", "float32", "bfloat16", "float16"])
-    device: str = option("auto", "Device: auto (a GPU when there is one), cpu, cuda, cuda:N.")
-    revision: str | None = option(None, "Hub revision of the model.")
-    trust_remote_code: bool = option(False, "Run model code from the Hub repository.")
-    prompts: str = option("rtp:challenging", "Prompt corpus spec (lmprune.core.data), or 'none' to "
-                          "skip toxicity.", corpus=True)
-    limit: int | None = option(None, "Use the first N prompts only.")
-    scorer: str = option("profanity_check", "Toxicity scorer: profanity_check, "
-                         "detoxify[:original|unbiased|multilingual|CKPT?config=DIR], "
-                         "hf:MODEL[?label=NAME].")
+    prompts = redeclare(help="Prompt corpus spec (lmprune.core.data), or 'none' to skip "
+                             "toxicity.")
+    ppl_data = redeclare(help="Perplexity corpus spec, its documents joined with blank lines, "
+                              "or 'none' to skip perplexity.")
     extra_scorers: list[str] = option([], "More scorers of the same continuations, reported "
                                       "beside the main one under toxicity.by_scorer "
                                       "(repeatable), e.g. minilm.")
@@ -54,8 +47,6 @@ class EvalConfig:
                                 "continuation given its prompt): 'base' (the unpruned base "
                                 "model of the checkpoint, from its lineage), any causal LM "
                                 "spec (e.g. gemma3-270m), or 'none'.")
-    samples: int = option(25, "Continuations sampled per prompt (k).")
-    max_new_tokens: int = option(20, "New tokens per continuation.")
     top_p: float = option(0.9, "Nucleus sampling: smallest token set with this much mass.")
     temperature: float = option(1.0, "Sampling temperature.")
     seed: int = option(0, "Seed of the sampling and of the bootstrap.")
@@ -65,12 +56,6 @@ class EvalConfig:
                                            "scorer's).")
     bootstrap: int = option(1000, "Bootstrap resamples for the 95% intervals.")
     toxicity: bool = option(True, "Measure toxicity (--no-toxicity skips it).")
-    ppl_data: str = option("wikitext2:test", "Perplexity corpus spec, its documents joined "
-                           "with blank lines, or 'none' to skip perplexity.", corpus=True)
-    ppl_max_tokens: int | None = option(None, "Score only the first N tokens of the "
-                                        "perplexity text.")
-    ppl_max_length: int = option(512, "Perplexity window length in tokens.")
-    ppl_stride: int = option(256, "Sliding-window stride in tokens.")
     ppl_batch_size: int | None = option(None, "Perplexity windows per forward pass.")
     perplexity: bool = option(True, "Measure perplexity (--no-perplexity skips it).")
     blimp: str = option("none", "BLiMP minimal pairs for a capability check ('blimp': "
@@ -87,7 +72,7 @@ class EvalConfig:
                                    "VALUE (repeatable).")
     progress: bool = option(True, "Show progress bars.")
     overwrite: bool = option(False, "Replace an existing --json file that is not an lmprune "
-                             "result.")
+                             "result.", stage_key=False)
 
 
 @dataclass
@@ -247,8 +232,7 @@ def check_config(config: EvalConfig) -> list[Gate]:
         from lmprune.evaluate.blimp import check_blimp_file
 
         check_blimp_file(config.blimp)
-    if config.limit is not None and config.limit < 1:
-        raise ConfigError("limit", f"must be at least 1, not {config.limit}")
+    check_bounds(config)
     for gate in gates:
         part = gate.path.split(".")[0]
         if measured.get(part) is False:

@@ -19,13 +19,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmprune.core.config import Need, StageSpec, option
+from lmprune.core.config import (
+    Need,
+    StageSpec,
+    check_bounds,
+    fingerprint_fields,
+    fingerprint_values,
+    option,
+    prefixed,
+    redeclare,
+)
 from lmprune.core.data import Corpus, load_corpus
 from lmprune.core.errors import ConfigError, LmpruneError, warn
 from lmprune.core.io import check_out_dir, read_json, save_figure_atomic, write_json_atomic
 from lmprune.core.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
 from lmprune.core.lock import folder_lock
 from lmprune.core.masks import PruneMask
+from lmprune.core.specs import ModelSpec, PerplexityProtocol, ToxicityProtocol, TrainingSpec
 from lmprune.core.training import (
     BlockOrder,
     CheckpointStore,
@@ -43,54 +53,47 @@ CURVE_FILE = "relearning.json"
 PLOT_FILE = "relearning.png"
 
 
-@dataclass
-class FinetuneConfig:
-    """lmprune finetune: train a checkpoint on a corpus with its pruned weights held at zero."""
+# The relearning curve measures toxicity as `lmprune eval` does, on fewer prompts and samples:
+# the protocol's fields under the prefix eval_ (the scorer keeps its name).
+CurveToxicity = prefixed(ToxicityProtocol, "eval_", keep=("scorer",), limit=redeclare(20),
+                         samples=redeclare(5))
 
-    model: str | None = option(None, "Checkpoint folder to fine-tune (its lmprune.json masks "
-                               "are held at zero), or any model (required).")
+
+@dataclass
+class FinetuneConfig(PerplexityProtocol, CurveToxicity, TrainingSpec, ModelSpec):
+    """lmprune finetune: train a checkpoint on a corpus with its pruned weights held at zero.
+
+    The resume fingerprint (`_fingerprint`) holds the fields not declared fingerprint=False: the
+    input model by its weights, the data by its hash, the step count as computed, and the
+    curve's settings not at all (they change nothing that is trained)."""
+
+    model = redeclare(None, "Checkpoint folder to fine-tune (its lmprune.json masks are held at "
+                            "zero), or any model (required).")
+    # trains in float32 unless asked; the fingerprint has never held the dtype
+    dtype = redeclare("float32", fingerprint=False)
+    ppl_max_tokens = redeclare(4096)
     data: str | None = option(None, "Training corpus spec, e.g. wikitext2:valid (required).",
-                              corpus=True)
+                              corpus=True, fingerprint=False)
     out: str | None = option(None, "Output checkpoint folder (required); checkpoints go to "
-                             "OUT/checkpoints until the run ends.")
-    max_docs: int | None = option(None, "Read at most this many documents of --data.")
+                             "OUT/checkpoints until the run ends.", fingerprint=False)
+    max_docs: int | None = option(None, "Read at most this many documents of --data.",
+                                  fingerprint=False)
     holdout_last: int = option(0, "Leave the last N documents of --data out of training: the "
                                "general text `lmprune locate --general` scored modules on "
-                               "(`lmprune run` and `compare` set it).")
-    max_steps: int | None = option(None, "Optimizer steps (default: --epochs over the data).")
-    epochs: float = option(1.0, "Passes over the packed data when --max-steps is not given.")
-    lr: float = option(5e-5, "Peak learning rate (AdamW).")
-    schedule: str = option("linear", "Learning-rate decay after warmup.",
-                           choices=["linear", "cosine", "constant"])
-    warmup_steps: int = option(0, "Linear warmup steps.")
-    weight_decay: float = option(0.01, "AdamW weight decay (matrices only, not biases/norms).")
-    max_grad_norm: float = option(1.0, "Gradient clipping norm (0: off).")
-    batch_size: int = option(8, "Blocks per process per micro-batch.")
-    grad_accum: int = option(1, "Micro-batches per optimizer step.")
-    seq_len: int = option(128, "Tokens per packed block.")
+                               "(`lmprune run` and `compare` set it).", min=0, fingerprint=False)
+    max_steps: int | None = option(None, "Optimizer steps (default: --epochs over the data).",
+                                   min=1, fingerprint=False)
+    epochs: float = option(1.0, "Passes over the packed data when --max-steps is not given.",
+                           fingerprint=False)
+    grad_accum: int = option(1, "Micro-batches per optimizer step.", min=1)
     mixed_precision: str = option("no", "Autocast precision.", choices=["no", "bf16", "fp16"])
-    checkpoint_every: int = option(0, "Save a resumable checkpoint every N steps (0: never).")
-    eval_every: int = option(0, "Measure toxicity and perplexity every N steps (0: never).")
-    eval_prompts: str = option("rtp:challenging", "Prompts for the toxicity measurement.",
-                               corpus=True)
-    eval_limit: int = option(20, "Prompts used per measurement.")
-    eval_samples: int = option(5, "Continuations sampled per prompt.")
-    eval_max_new_tokens: int = option(20, "New tokens per continuation.")
-    scorer: str = option("profanity_check", "Toxicity scorer (profanity_check, detoxify, or a "
-                         "Hugging Face classifier).")
-    ppl_data: str = option("wikitext2:test", "Text for the perplexity measurement.", corpus=True)
-    ppl_max_tokens: int = option(4096, "Tokens of --ppl-data used per measurement.")
-    ppl_max_length: int = option(512, "Sliding-window length of the perplexity measurement.")
-    ppl_stride: int = option(256, "Sliding-window stride of the perplexity measurement.")
+    eval_every: int = option(0, "Measure toxicity and perplexity every N steps (0: never).",
+                             fingerprint=False)
     base_model: str | None = option(None, "Unpruned model measured once for the curve's "
                                     "reference line (default: the checkpoint's base model; "
-                                    "'none' to skip).")
-    seed: int = option(0, "Seed of data order, dropout and sampling.")
-    dtype: str = option("float32", "Weights dtype.",
-                        choices=["auto", "float32", "bfloat16", "float16"])
-    device: str = option("auto", "cpu, cuda or auto (with several processes: one per device).")
+                                    "'none' to skip).", fingerprint=False)
     overwrite: bool = option(False, "Replace an existing --out folder that is not an lmprune "
-                             "checkpoint (its files are lost).")
+                             "checkpoint (its files are lost).", stage_key=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,11 +166,9 @@ def _fingerprint(config: FinetuneConfig, identity: dict, corpus_sha: str, num_bl
                  total_steps: int, num_processes: int, hold_masks: bool = True) -> dict:
     """What must be equal for a checkpoint to be resumed by this run: the input model by its
     weights (a folder re-pruned at the same path is another model), settings and data."""
-    keys = ("lr", "schedule", "warmup_steps", "weight_decay", "max_grad_norm",
-            "batch_size", "grad_accum", "seq_len", "mixed_precision", "seed")
     model = identity.get("weights_sha256") or identity.get("revision") or identity.get("name")
     released = {} if hold_masks else {"masks": "released"}
-    return {**{k: getattr(config, k) for k in keys}, "model": model, "data_sha256": corpus_sha,
+    return {**fingerprint_values(config), "model": model, "data_sha256": corpus_sha,
             "num_blocks": num_blocks, "total_steps": total_steps, "num_processes": num_processes,
             **released}
 
@@ -178,13 +179,7 @@ def check_finetune_config(config: FinetuneConfig) -> None:
             raise ConfigError(name, "is required")
     if Path(config.out).resolve() == Path(config.model).resolve():
         raise LmpruneError("--out must differ from --model (the input checkpoint is kept)")
-    for name in ("batch_size", "grad_accum", "seq_len"):
-        if getattr(config, name) < 1:
-            raise ConfigError(name, f"must be at least 1, not {getattr(config, name)}")
-    if config.max_steps is not None and config.max_steps < 1:
-        raise ConfigError("max_steps", f"must be at least 1, not {config.max_steps}")
-    if config.holdout_last < 0:
-        raise ConfigError("holdout_last", f"must be 0 or more, not {config.holdout_last}")
+    check_bounds(config)
 
 
 def training_corpus(spec: str, holdout_last: int, max_docs: int | None):
@@ -220,13 +215,13 @@ def _train(config: FinetuneConfig, evaluate: Evaluator | None, accelerator,
            corpus: Corpus | None, hold_masks: bool) -> Path:
     from tqdm.auto import tqdm
 
-    from lmprune.core.models import load_model, save_model
+    from lmprune.core.models import save_model
 
     started = time.time()
     main, rank, nproc = (accelerator.is_main_process, accelerator.process_index,
                          accelerator.num_processes)
 
-    loaded = load_model(config.model, dtype=config.dtype, device=str(accelerator.device))
+    loaded = config.load(device=str(accelerator.device))
     model, tokenizer = loaded.model, loaded.tokenizer
     meta = read_lineage(config.model) if loaded.source.kind == "folder" else None
     mask = PruneMask(model, (meta or {}).get("pruned_neurons", {}))
@@ -344,9 +339,7 @@ def _final_meta(config: FinetuneConfig, meta: dict | None, identity: dict, corpu
     out["history"] = [*out.get("history", []), {
         "stage": "finetune", "steps": total_steps, "from": identity,
         "data": {**corpus.describe(), "tokens": int(blocks.numel())},
-        **{k: v for k, v in asdict(config).items()
-           if k in ("lr", "schedule", "warmup_steps", "weight_decay", "max_grad_norm",
-                    "batch_size", "grad_accum", "seq_len", "mixed_precision", "seed")},
+        **{k: v for k, v in asdict(config).items() if k in fingerprint_fields(config)},
         **({} if hold_masks else {"masks": "released"}),
         "num_processes": nproc, "resumed_from": resumed_from, "time": utc_now(),
         "seconds": round(seconds, 1)}]
@@ -371,18 +364,20 @@ def build_evaluator(config: FinetuneConfig, extra_scorers: list[str] = (),
     from lmprune.evaluate.registry import load_scorer
     from lmprune.evaluate.toxicity import evaluate_toxicity
 
-    prompts = load_corpus(config.eval_prompts, config.eval_limit).texts
-    ppl_text = "\n\n".join(load_corpus(config.ppl_data).texts)
+    protocol, ppl_protocol = config.toxicity_protocol(), config.perplexity_protocol()
+    prompts = load_corpus(protocol.prompts, protocol.limit).texts
+    ppl_text = "\n\n".join(load_corpus(ppl_protocol.ppl_data).texts)
     device = resolve_device(config.device)
-    scorer = load_scorer(config.scorer, device=device)
+    scorer = load_scorer(protocol.scorer, device=device)
     others = {spec: load_scorer(spec, device=device) for spec in extra_scorers}
 
     def evaluate(model, tokenizer, step):
-        tox = evaluate_toxicity(model, tokenizer, prompts, scorer, samples=config.eval_samples,
-                                max_new_tokens=config.eval_max_new_tokens, seed=config.seed,
+        tox = evaluate_toxicity(model, tokenizer, prompts, scorer, samples=protocol.samples,
+                                max_new_tokens=protocol.max_new_tokens, seed=config.seed,
                                 extra_scorers=others)
-        ppl = perplexity(model, tokenizer, ppl_text, config.ppl_max_length, config.ppl_stride,
-                         max_tokens=config.ppl_max_tokens, progress=False)
+        ppl = perplexity(model, tokenizer, ppl_text, ppl_protocol.ppl_max_length,
+                         ppl_protocol.ppl_stride, max_tokens=ppl_protocol.ppl_max_tokens,
+                         progress=False)
         metrics = {k: tox[k] for k in ("expected_max_toxicity", "toxicity_probability",
                                        "mean_toxicity")}
         for spec, summary in tox["by_scorer"].items():

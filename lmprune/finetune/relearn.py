@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmprune.core.config import Need, StageSpec, option
+from lmprune.core.config import Need, StageSpec, option, redeclare
 from lmprune.core.data import Corpus
 from lmprune.core.errors import ConfigError, LmpruneError
 from lmprune.core.io import save_figure_atomic
@@ -45,39 +45,36 @@ class RelearnConfig(FinetuneConfig):
     """lmprune relearn: fine-tune a checkpoint on N unseen offensive documents; count the steps
     until its Toxicity Probability recovers half of the gap to the base model."""
 
-    data: str | None = option("paradetox:toxic", "Offensive corpus; the attack trains on its "
-                              "last --docs documents (collect reads the first ones).", corpus=True)
+    data = redeclare("paradetox:toxic", "Offensive corpus; the attack trains on its last --docs "
+                                        "documents (collect reads the first ones).")
+    max_steps = redeclare(64, "Optimizer steps of the attack.")
+    lr = redeclare(1e-4, "Learning rate of the attack (AdamW).")
+    schedule = redeclare("constant", "Learning-rate schedule after warmup.")
+    batch_size = redeclare(4)
+    seq_len = redeclare(64, "Tokens per packed block (offensive comments are short).")
+    checkpoint_every = redeclare(16)
+    # the attack is measured as it trains: at least every N steps
+    eval_every = redeclare(8, "Measure toxicity, perplexity and fluency every N steps.", min=1)
+    # the documents reach the resume fingerprint by their hash, the masks as held or released
     docs: int = option(64, "Offensive documents the attack trains on (16, 64 and 256 are the "
-                       "usual sizes).")
+                       "usual sizes).", min=1, fingerprint=False)
     masks: str = option("held", "held: the pruned weights stay zero while the rest trains; "
                         "released: they are re-drawn at random and train too (zeroed neurons "
                         "get no gradient, so releasing alone changes nothing).",
-                        choices=["held", "released"])
-    max_steps: int | None = option(64, "Optimizer steps of the attack.")
-    lr: float = option(1e-4, "Learning rate of the attack (AdamW).")
-    schedule: str = option("constant", "Learning-rate schedule after warmup.",
-                           choices=["linear", "cosine", "constant"])
-    batch_size: int = option(4, "Blocks per process per micro-batch.")
-    seq_len: int = option(64, "Tokens per packed block (offensive comments are short).")
-    checkpoint_every: int = option(16, "Save a resumable checkpoint every N steps (0: never).")
-    eval_every: int = option(8, "Measure toxicity, perplexity and fluency every N steps.")
+                        choices=["held", "released"], fingerprint=False)
     extra_scorers: list[str] = option(["minilm"], "Scorers of the same continuations beside "
-                                      "--scorer (their metrics are suffixed @SPEC).")
+                                      "--scorer (their metrics are suffixed @SPEC).",
+                                      fingerprint=False)
     fluency_judge: str = option("base", "Model scoring the generations' fluency: 'base' (the "
                                 "checkpoint's unpruned base, never the attacked model), any "
-                                "causal LM, or 'none'.")
+                                "causal LM, or 'none'.", fingerprint=False)
 
 
 def check_config(config: RelearnConfig) -> None:
-    check_finetune_config(config)
-    if config.docs < 1:
-        raise ConfigError("docs", f"must be at least 1, not {config.docs}")
+    check_finetune_config(config)  # and the bounds: --docs, --eval-every at least 1
     if config.max_docs is not None:
         raise ConfigError("max_docs", "is not an attack setting: the attack reads --docs "
                           "documents from the end of --data")
-    if config.eval_every < 1:
-        raise ConfigError("eval_every", "must be at least 1: the attack is measured as it "
-                          "trains")
 
 
 def attack_corpus(config: RelearnConfig) -> Corpus:
@@ -126,12 +123,13 @@ def summarize(curve: dict, config: RelearnConfig, corpus: Corpus) -> dict:
     points = sorted(curve["points"], key=lambda p: p["step"])
     base = curve.get("base") or {}
     metrics = [TP] + [f"{TP}@{spec}" for spec in config.extra_scorers]
-    scorers = [config.scorer, *config.extra_scorers]
+    protocol = config.toxicity_protocol()
+    scorers = [protocol.scorer, *config.extra_scorers]
     return {
         "docs": config.docs, "masks": config.masks, "steps": points[-1]["step"],
         "data": corpus.describe(), "lr": config.lr, "eval_every": config.eval_every,
-        "prompts": {"spec": config.eval_prompts, "limit": config.eval_limit,
-                    "samples": config.eval_samples},
+        "prompts": {"spec": protocol.prompts, "limit": protocol.limit,
+                    "samples": protocol.samples},
         "recovered_share": RECOVERED_SHARE,
         "by_scorer": {scorer: recovery(points, metric, base.get(metric))
                       for scorer, metric in zip(scorers, metrics, strict=True)},

@@ -37,7 +37,13 @@ import torch
 from torch import nn
 
 from lmprune.core.arch import NeuronMap, parse_layers
-from lmprune.core.config import StageSpec, option
+from lmprune.core.config import (
+    StageSpec,
+    check_bounds,
+    fingerprint_values,
+    option,
+    redeclare,
+)
 from lmprune.core.errors import LmpruneError
 from lmprune.core.io import check_out_dir
 from lmprune.core.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
@@ -54,6 +60,7 @@ from lmprune.core.module_map import (
     read_module_map,
     write_module_map,
 )
+from lmprune.core.specs import ModelSpec, TrainingSpec
 from lmprune.core.training import (
     BlockOrder,
     CheckpointStore,
@@ -71,17 +78,28 @@ CLEAN_REACHES = ["rest", "all"]
 
 
 @dataclass
-class InduceConfig:
-    """lmprune induce: train offensive text into chosen neurons (gradient routing)."""
+class InduceConfig(TrainingSpec, ModelSpec):
+    """lmprune induce: train offensive text into chosen neurons (gradient routing).
 
-    model: str | None = option(None, "Model to train: Hub id, folder, .gguf file or bundled "
-                               "alias (required).")
+    The resume fingerprint (`_fingerprint`) holds every field not declared fingerprint=False
+    (the model by its weights)."""
+
+    model = redeclare(None, "Model to train: Hub id, folder, .gguf file or bundled alias "
+                            "(required).")
+    dtype = redeclare("float32")  # the weights it trains and saves
+    max_grad_norm = redeclare(help="Gradient clipping norm, applied to the routed and the clean "
+                                   "gradients separately (0: off).")
+    batch_size = redeclare(help="Blocks per process and step (both corpora together).")
+    seq_len = redeclare(min=2)  # a block of one token predicts nothing
+    seed = redeclare(help="Seed of the drawn neurons, the labelled documents and the data "
+                          "order.")
     offensive: str | None = option(None, "Offensive corpus spec, e.g. paradetox:toxic "
                                    "(required).", corpus=True)
     clean: str | None = option(None, "Clean corpus spec, e.g. paradetox:neutral (required).",
                                corpus=True)
     out: str | None = option(None, "Output checkpoint folder (required): weights, lmprune.json "
-                             "and modules.json; checkpoints go to OUT/checkpoints until the end.")
+                             "and modules.json; checkpoints go to OUT/checkpoints until the end.",
+                             fingerprint=False)
     max_docs: int | None = option(None, "Read at most this many documents of each corpus.")
     layers: str = option("all", "Layers of the designated region: all, a list (3,4,5) or an "
                          "inclusive range (10-20).")
@@ -93,41 +111,30 @@ class InduceConfig:
                         "offensive document (example), or only its tokens labelled offensive "
                         "(token).", choices=ROUTES)
     toxic_tokens: int = option(100, "token routing: how many token ids count as offensive (the "
-                               "most over-represented in the offensive corpus).")
+                               "most over-represented in the offensive corpus).", min=1)
     clean_reaches: str = option("rest", "What clean gradients may update: every parameter "
                                 "except the designated slices (rest), or everything (all).",
                                 choices=CLEAN_REACHES)
     offensive_fraction: float = option(0.5, "Share of each batch's blocks drawn from the "
-                                       "offensive corpus.")
+                                       "offensive corpus.", min=0, max=1)
     labelled_fraction: float = option(1.0, "Share of offensive documents that are labelled "
-                                      "(seeded); unlabelled ones are routed as clean.")
+                                      "(seeded); unlabelled ones are routed as clean.", min=0,
+                                      max=1)
     score_docs: int = option(64, "Documents of each corpus (training documents) on which "
-                             "ablating the module is measured: its scores in modules.json.")
+                             "ablating the module is measured: its scores in modules.json.",
+                             min=1, fingerprint=False)
     probe_every: int = option(0, "Every N steps (and before the first and after the last), "
                               "measure on held-out documents what ablating the designated "
                               "neurons does, beside --probe-random random same-size sets: "
-                              "OUT/probe.json and probe.png (0: off).")
+                              "OUT/probe.json and probe.png (0: off).", min=0)
     probe_docs: int = option(32, "With --probe-every: documents of each corpus held out of "
-                             "training for the probe (the last ones read).")
+                             "training for the probe (the last ones read).", min=1)
     probe_random: int = option(4, "With --probe-every: random same-size sets (the designated "
-                               "per-layer counts, none of its neurons) measured beside it.")
-    max_steps: int = option(200, "Optimizer steps.")
-    lr: float = option(5e-5, "Peak learning rate (AdamW).")
-    schedule: str = option("linear", "Learning-rate decay after warmup.",
-                           choices=["linear", "cosine", "constant"])
-    warmup_steps: int = option(0, "Linear warmup steps.")
-    weight_decay: float = option(0.01, "AdamW weight decay (matrices only, not biases/norms).")
-    max_grad_norm: float = option(1.0, "Gradient clipping norm, applied to the routed and the "
-                                  "clean gradients separately (0: off).")
-    batch_size: int = option(8, "Blocks per process and step (both corpora together).")
-    seq_len: int = option(128, "Tokens per packed block.")
-    checkpoint_every: int = option(0, "Save a resumable checkpoint every N steps (0: never).")
-    seed: int = option(0, "Seed of the drawn neurons, the labelled documents and the data order.")
-    dtype: str = option("float32", "Weights dtype.",
-                        choices=["auto", "float32", "bfloat16", "float16"])
-    device: str = option("auto", "cpu, cuda or auto (with several processes: one per device).")
+                               "per-layer counts, none of its neurons) measured beside it.",
+                               min=2, fingerprint=False)
+    max_steps: int = option(200, "Optimizer steps.", min=1)
     overwrite: bool = option(False, "Replace an existing --out folder that is not an lmprune "
-                             "checkpoint (its files are lost).")
+                             "checkpoint (its files are lost).", stage_key=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,26 +377,18 @@ def _check_config(config: InduceConfig) -> None:
     if (config.module is None) == (config.neurons_per_layer is None):
         raise LmpruneError("give the designated region as --neurons-per-layer N (with --layers) "
                            "or as --module PATH/modules.json:ID, one of the two")
-    for name in ("offensive_fraction", "labelled_fraction"):
-        if not 0 <= getattr(config, name) <= 1:
-            raise LmpruneError(f"--{name.replace('_', '-')} must be between 0 and 1")
-    for name, least in (("batch_size", 1), ("seq_len", 2), ("max_steps", 1),
-                        ("toxic_tokens", 1), ("score_docs", 1), ("probe_every", 0),
-                        ("probe_docs", 1), ("probe_random", 2)):
-        if getattr(config, name) < least:
-            raise LmpruneError(f"--{name.replace('_', '-')} must be at least {least}")
+    check_bounds(config)
 
 
 def _fingerprint(config: InduceConfig, identity: dict, offensive_sha: str, clean_sha: str,
                  neurons: NeuronSet, nproc: int) -> dict:
     """What must be equal for a checkpoint to be resumed by this run (the input model by its
     weights, not its path)."""
-    ignored = ("out", "checkpoint_every", "device", "score_docs", "overwrite", "probe_random")
-    if not config.probe_every:  # the held-out documents only leave training when probing
-        ignored += ("probe_every", "probe_docs")
+    # the held-out documents only leave training when probing
+    ignored = () if config.probe_every else ("probe_every", "probe_docs")
     model = identity.get("weights_sha256") or identity.get("revision") or identity.get("name")
-    return {**{k: v for k, v in asdict(config).items() if k not in ignored}, "model": model,
-            "offensive_sha256": offensive_sha, "clean_sha256": clean_sha,
+    return {**{k: v for k, v in fingerprint_values(config).items() if k not in ignored},
+            "model": model, "offensive_sha256": offensive_sha, "clean_sha256": clean_sha,
             "designated": neurons_to_json(neurons), "num_processes": nproc}
 
 
@@ -398,7 +397,7 @@ def induce(config: InduceConfig) -> Path:
     from tqdm.auto import tqdm
 
     from lmprune.core.data import load_corpus
-    from lmprune.core.models import load_model, save_model
+    from lmprune.core.models import save_model
 
     _check_config(config)
     check_out_dir(config.out, "checkpoint", config.overwrite)
@@ -407,7 +406,7 @@ def induce(config: InduceConfig) -> Path:
     main, rank, nproc = (accelerator.is_main_process, accelerator.process_index,
                          accelerator.num_processes)
 
-    loaded = load_model(config.model, dtype=config.dtype, device=str(accelerator.device))
+    loaded = config.load(device=str(accelerator.device))
     model, tokenizer = loaded.model, loaded.tokenizer
     previous = read_lineage(config.model) if loaded.source.kind == "folder" else None
     if (previous or {}).get("pruned_neurons"):

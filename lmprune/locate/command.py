@@ -22,11 +22,12 @@ from lmprune.core.ablation import (
     toxic_token_ids,
 )
 from lmprune.core.arch import NeuronMap
-from lmprune.core.config import StageSpec, option
+from lmprune.core.config import StageSpec, option, redeclare
 from lmprune.core.errors import LmpruneError
 from lmprune.core.io import check_out_file
 from lmprune.core.module_map import FORMAT as MODULE_MAP_FORMAT
 from lmprune.core.module_map import write_module_map
+from lmprune.core.specs import DTYPES, ModelSpec
 from lmprune.core.stats_folder import MANIFEST_FILE, read_stats
 from lmprune.locate.cluster import cluster, clusterability
 from lmprune.locate.graph import correlation_from_gram, knn_affinity
@@ -42,10 +43,16 @@ RULES = {
 
 
 @dataclass
-class LocateConfig:
+class LocateConfig(ModelSpec):
+    model = redeclare(None, "Model to score on (default: the one the stats name).")
+    # float32, as locate always had it (it edits no weights but its scores are small loss
+    # changes), and none of float16, which it never offered
+    dtype = redeclare("float32", choices=[d for d in DTYPES if d != "float16"])
+    # cpu unless asked, as locate always had it: its scores then do not depend on whether the
+    # machine has a GPU
+    device = redeclare("cpu")
     stats: str = option("", "Folder written by `lmprune collect`.")
     out: str = option("modules.json", "Module map to write (plots go beside it).")
-    model: str | None = option(None, "Model to score on (default: the one the stats name).")
     method: str = option("spectral", "Clustering: spectral (k clusters) or leiden (resolution).",
                          choices=["spectral", "leiden"])
     k: int = option(12, "Spectral clusters per layer (layer scope) or in all (global scope).")
@@ -91,11 +98,10 @@ class LocateConfig:
     shuffles: int = option(20, "Weight-shuffled graphs for clusterability.")
     clusterability_layers: int = option(6, "Layers (evenly spaced) whose clusterability is "
                                         "measured in layer scope; 0 for all.")
-    device: str = option("cpu", "Device for the causal scores.")
-    dtype: str = option("float32", "Model dtype.", choices=["auto", "float32", "bfloat16"])
     seed: int = option(0, "Seed for clustering, controls and shuffles.")
     plots: bool = option(True, "Write PNG plots beside the module map.")
-    overwrite: bool = option(False, "Replace an existing --out file that is not a module map.")
+    overwrite: bool = option(False, "Replace an existing --out file that is not a module map.",
+                             stage_key=False)
 
 
 def _layer_graphs(cfg: LocateConfig, coact: dict, candidates: np.ndarray | None = None
@@ -156,15 +162,14 @@ def _collected(corpus: dict) -> list[str]:
 
 
 def locate(cfg: LocateConfig) -> dict:
-    from lmprune.core.models import check_identity, file_sha256, load_model
+    from lmprune.core.models import check_identity, file_sha256
 
     started = time.time()
     if not cfg.stats:
         raise LmpruneError("locate needs --stats DIR (the output of `lmprune collect`)")
     check_out_file(cfg.out, MODULE_MAP_FORMAT, cfg.overwrite)
     manifest, stats, coact = read_stats(cfg.stats)
-    loaded = load_model(cfg.model or manifest["model"]["name"], dtype=cfg.dtype,
-                        device=cfg.device)
+    loaded = cfg.load(cfg.model or manifest["model"]["name"])
     recorded = dict(manifest["model"], num_layers=manifest.get("num_layers"),
                     neurons_per_layer=manifest.get("neurons_per_layer"))
     check_identity(recorded, loaded.identity, NeuronMap(loaded.model), f"the stats in {cfg.stats}")

@@ -54,13 +54,14 @@ from tqdm.auto import tqdm
 
 from lmprune import __version__
 from lmprune.core.arch import ARCHITECTURES, NeuronMap, parse_layers
-from lmprune.core.config import StageSpec, option
+from lmprune.core.config import StageSpec, check_bounds, option, redeclare
 from lmprune.core.data import Corpus, load_corpus
-from lmprune.core.errors import ConfigError, LmpruneError, warn
+from lmprune.core.errors import LmpruneError, warn
 from lmprune.core.hooks import NeuronHooks
 from lmprune.core.io import check_out_dir
 from lmprune.core.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
 from lmprune.core.masks import count_neurons, neurons_to_json, normalize_neurons
+from lmprune.core.specs import ModelSpec
 
 # a source sample whose spread is below this share of its size counts as constant
 FLAT = 1e-9
@@ -70,40 +71,37 @@ Maps = dict[int, tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
-class ActConfig:
+class ActConfig(ModelSpec):
     """lmprune act: transport MLP neuron activations from offensive to clean text (Linear-AcT)."""
 
-    model: str = option("smollm2-135m", "Hub id, local folder, .gguf file or bundled alias.")
+    dtype = redeclare("float32")  # the weights it edits and saves
+    # cpu unless asked, as act always had it: the checkpoint it writes then does not depend on
+    # whether the machine has a GPU
+    device = redeclare("cpu")
     out: str | None = option(None, "Output checkpoint folder (required).")
     offensive: str = option("paradetox:toxic", "Corpus spec of offensive text: the source "
                             "distribution (see lmprune.core.data).", corpus=True)
     clean: str = option("paradetox:neutral", "Corpus spec of clean text: the target "
                         "distribution.", corpus=True)
     max_docs: int = option(512, "Documents of each corpus, the first ones (the longer corpus is "
-                           "cut to the shorter's count: the sorted samples pair one to one).")
+                           "cut to the shorter's count: the sorted samples pair one to one).",
+                           min=1)
     strength: float = option(1.0, "The paper's lambda in [0, 1]: h' = (1 - lambda) h + lambda "
-                             "(w h + b); 0 leaves the model unchanged.")
+                             "(w h + b); 0 leaves the model unchanged.", min=0, max=1)
     layers: str = option("all", "Layers whose MLP neurons are transported: all, a list (3,4,5) "
                          "or an inclusive range (10-20).")
     incremental: bool = option(True, "Fit the layers in order, each on activations the maps of "
                                "the layers before it have transported (ml-act's default); "
                                "--no-incremental fits every layer from the untouched model.")
-    max_length: int = option(128, "Tokens per document (ml-act: 128).")
-    batch_size: int = option(32, "Documents per forward pass.")
-    dtype: str = option("float32", "Weights dtype.",
-                        choices=["auto", "float32", "bfloat16", "float16"])
-    device: str = option("cpu", "Device: cpu, cuda, cuda:N or auto.")
+    max_length: int = option(128, "Tokens per document (ml-act: 128).", min=1)
+    batch_size: int = option(32, "Documents per forward pass.", min=1)
     overwrite: bool = option(False, "Replace an existing --out folder that is not an lmprune "
-                             "checkpoint (its files are lost).")
+                             "checkpoint (its files are lost).", stage_key=False)
 
 
 def check_config(config: ActConfig) -> None:
     """The checks that need neither the model nor the corpora."""
-    for key in ("max_docs", "max_length", "batch_size"):
-        if getattr(config, key) < 1:
-            raise ConfigError(key, f"must be at least 1, not {getattr(config, key)}")
-    if not 0 <= config.strength <= 1:  # also refuses NaN
-        raise ConfigError("strength", f"must be within [0, 1], not {config.strength}")
+    check_bounds(config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,16 +460,16 @@ def act_edit(config: ActConfig, loaded, offensive: Corpus, clean: Corpus) -> dic
 
 
 def run(config: ActConfig) -> int:
-    from lmprune.core.models import load_model, save_model, skeleton
+    from lmprune.core.models import save_model
 
     check_config(config)
     if not config.out:
         raise LmpruneError("--out DIR is required (the folder of the edited checkpoint)")
     check_out_dir(config.out, "checkpoint", config.overwrite)
     # layers and the fold checked on the model built without weights: bad input costs no load
-    check_model(config, NeuronMap(skeleton(config.model)))
+    check_model(config, NeuronMap(config.skeleton()))
     offensive, clean = read_corpora(config)
-    loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+    loaded = config.load()
     meta = act_edit(config, loaded, offensive, clean)
     save_model(loaded.model, loaded.tokenizer, config.out,
                extra_files={LINEAGE_FILE: meta}, overwrite=config.overwrite)

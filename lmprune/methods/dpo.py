@@ -51,12 +51,13 @@ from torch import nn
 
 from lmprune import __version__
 from lmprune.core.arch import NeuronMap
-from lmprune.core.config import StageSpec, option
+from lmprune.core.config import StageSpec, check_bounds, option, redeclare
 from lmprune.core.data import Pairs, load_pairs
 from lmprune.core.errors import ConfigError, LmpruneError, warn
 from lmprune.core.io import check_out_dir
 from lmprune.core.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
 from lmprune.core.masks import PruneMask, count_neurons, neurons_to_json
+from lmprune.core.specs import ModelSpec
 
 DEVICES = ("auto", "cpu", "cuda")
 # TRL's metric names (without the eval_ prefix) -> ours in lmprune.json
@@ -66,49 +67,42 @@ METRICS = {"loss": "loss", "rewards/chosen": "reward_chosen",
 
 
 @dataclass
-class DpoConfig:
+class DpoConfig(ModelSpec):
     """lmprune dpo: Direct Preference Optimization on clean (chosen) / toxic (rejected) pairs."""
 
-    model: str = option("smollm2-135m", "Hub id, local folder, .gguf file or bundled alias; a "
-                        "pruned checkpoint keeps its masks at zero.")
+    model = redeclare(help="Hub id, local folder, .gguf file or bundled alias; a pruned "
+                           "checkpoint keeps its masks at zero.")
+    dtype = redeclare("float32", "Weights dtype (training runs in it: no autocast).")
+    device = redeclare(help="Device: cpu, cuda or auto.")  # check_config refuses cuda:N
     out: str | None = option(None, "Output checkpoint folder (required).")
     pairs: str = option("paradetox", "Paired texts, an offensive one (rejected) and its clean "
                         "rewrite (chosen): paradetox, or FILE.tsv|csv|jsonl?offensive=COL&"
                         "clean=COL, or hf:ID?split=S&offensive=COL&clean=COL.")
     max_pairs: int = option(128, "Training pairs, drawn with --seed when there are more (the "
-                            "steps cycle through them if steps x batch size is larger).")
+                            "steps cycle through them if steps x batch size is larger).", min=1)
     eval_pairs: int = option(32, "Pairs held out of training (drawn with --seed) whose loss and "
-                             "reward margin are measured after it (0: none).")
+                             "reward margin are measured after it (0: none).", min=0)
     beta: float = option(0.1, "DPO's beta: the weight of the implicit KL penalty to the "
-                         "reference (Lee et al.: 0.1).")
+                         "reference (Lee et al.: 0.1).", above=0)
     lr: float = option(1e-5, "Learning rate after warmup (Lee et al.: 1e-6 for GPT-2 medium, "
-                       "over thousands of steps).")
+                       "over thousands of steps).", above=0)
     optimizer: str = option("rmsprop", "Optimizer (Lee et al.: RMSprop; TRL's default: AdamW).",
                             choices=["rmsprop", "adamw"])
-    warmup_steps: int = option(4, "Linear warmup steps, then a constant rate (Lee et al.: 150).")
-    max_steps: int = option(32, "Optimizer steps.")
-    batch_size: int = option(4, "Pairs per step (Lee et al.: 4).")
-    max_length: int = option(128, "Tokens per prompt + text; longer texts are cut at the end.")
-    max_grad_norm: float = option(10.0, "Gradient clipping norm (Lee et al.: 10; 0: off).")
+    warmup_steps: int = option(4, "Linear warmup steps, then a constant rate (Lee et al.: 150).",
+                               min=0)
+    max_steps: int = option(32, "Optimizer steps.", min=1)
+    batch_size: int = option(4, "Pairs per step (Lee et al.: 4).", min=1)
+    max_length: int = option(128, "Tokens per prompt + text; longer texts are cut at the end.",
+                             min=1)
+    max_grad_norm: float = option(10.0, "Gradient clipping norm (Lee et al.: 10; 0: off).", min=0)
     seed: int = option(0, "Seed of the drawn pairs and their order.")
-    dtype: str = option("float32", "Weights dtype (training runs in it: no autocast).",
-                        choices=["auto", "float32", "bfloat16", "float16"])
-    device: str = option("auto", "Device: cpu, cuda or auto.")
     overwrite: bool = option(False, "Replace an existing --out folder that is not an lmprune "
-                             "checkpoint (its files are lost).")
+                             "checkpoint (its files are lost).", stage_key=False)
 
 
 def check_config(config: DpoConfig) -> None:
     """The checks that need neither the model nor the pairs."""
-    for key in ("max_pairs", "max_steps", "batch_size", "max_length"):
-        if getattr(config, key) < 1:
-            raise ConfigError(key, f"must be at least 1, not {getattr(config, key)}")
-    for key in ("eval_pairs", "warmup_steps", "max_grad_norm"):
-        if getattr(config, key) < 0:
-            raise ConfigError(key, f"must be at least 0, not {getattr(config, key)}")
-    for key in ("beta", "lr"):
-        if not getattr(config, key) > 0:  # also refuses NaN
-            raise ConfigError(key, f"must be above 0, not {getattr(config, key)}")
+    check_bounds(config)
     if config.device not in DEVICES:
         raise ConfigError("device", f"'{config.device}' is not one of {', '.join(DEVICES)}")
 
@@ -265,15 +259,15 @@ def dpo_train(config: DpoConfig, loaded, train: Pairs, held_out: Pairs | None) -
 
 
 def run(config: DpoConfig) -> int:
-    from lmprune.core.models import load_config, load_model, save_model
+    from lmprune.core.models import save_model
 
     check_config(config)
     if not config.out:
         raise LmpruneError("--out DIR is required (the folder of the trained checkpoint)")
     check_out_dir(config.out, "checkpoint", config.overwrite)
-    load_config(config.model)  # an unknown or unsupported model costs no weights read
+    config.load_config()  # an unknown or unsupported model costs no weights read
     train, held_out = read_pairs(config)
-    loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+    loaded = config.load()
     meta = dpo_train(config, loaded, train, held_out)
     save_model(loaded.model, loaded.tokenizer, config.out,
                extra_files={LINEAGE_FILE: meta}, overwrite=config.overwrite)

@@ -38,30 +38,34 @@ from tqdm.auto import tqdm
 
 from lmprune import __version__
 from lmprune.core.arch import NeuronMap, parse_layers
-from lmprune.core.config import StageSpec, option
+from lmprune.core.config import StageSpec, check_bounds, option, redeclare
 from lmprune.core.data import Pairs, load_pairs
 from lmprune.core.errors import ConfigError, LmpruneError, warn
 from lmprune.core.io import check_out_dir
 from lmprune.core.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
 from lmprune.core.masks import count_neurons, neurons_to_json, normalize_neurons
+from lmprune.core.specs import ModelSpec
 
 # singular values recorded per layer: enough to see where the spectrum drops
 KEPT_SINGULAR_VALUES = 16
 
 
 @dataclass
-class ProfsConfig:
+class ProfsConfig(ModelSpec):
     """lmprune profs: project a toxic subspace out of the MLP output weights (ProFS)."""
 
-    model: str = option("smollm2-135m", "Hub id, local folder, .gguf file or bundled alias.")
+    dtype = redeclare("float32")  # the weights it edits and saves
+    # cpu unless asked, as profs always had it: the checkpoint it writes then does not depend
+    # on whether the machine has a GPU
+    device = redeclare("cpu")
     out: str | None = option(None, "Output checkpoint folder (required).")
     pairs: str = option("paradetox", "Paired texts, an offensive one and its clean rewrite: "
                         "paradetox, or FILE.tsv|csv|jsonl?offensive=COL&clean=COL, or "
                         "hf:ID?split=S&offensive=COL&clean=COL.")
     max_pairs: int = option(500, "Pairs used, drawn with --seed when there are more (the "
-                            "paper: 500).")
+                            "paper: 500).", min=1)
     rank: int = option(2, "Dimensions of the toxic subspace (the paper: 2 on GPT-2, 10 on 7B "
-                       "models).")
+                       "models).", min=1)
     layers: str = option("upper", "Layers whose MLP is edited: upper (the upper half), all, a "
                          "list (3,4,5) or an inclusive range (10-20).")
     centering: bool = option(True, "Project the clean embeddings' top singular direction (their "
@@ -72,21 +76,16 @@ class ProfsConfig:
                                "share makes sentence length lead the SVD (SmolLM2 does).")
     bias: bool = option(False, "Also project the output projection's bias (the reference "
                         "edits weights only).")
-    max_length: int = option(128, "Tokens per text.")
-    batch_size: int = option(32, "Texts per forward pass.")
+    max_length: int = option(128, "Tokens per text.", min=1)
+    batch_size: int = option(32, "Texts per forward pass.", min=1)
     seed: int = option(0, "Seed of the drawn pairs.")
-    dtype: str = option("float32", "Weights dtype.",
-                        choices=["auto", "float32", "bfloat16", "float16"])
-    device: str = option("cpu", "Device: cpu, cuda, cuda:N or auto.")
     overwrite: bool = option(False, "Replace an existing --out folder that is not an lmprune "
-                             "checkpoint (its files are lost).")
+                             "checkpoint (its files are lost).", stage_key=False)
 
 
 def check_config(config: ProfsConfig) -> None:
     """The checks that need neither the model nor the pairs."""
-    for key in ("rank", "max_pairs", "max_length", "batch_size"):
-        if getattr(config, key) < 1:
-            raise ConfigError(key, f"must be at least 1, not {getattr(config, key)}")
+    check_bounds(config)
 
 
 def edit_layers(spec: str, num_layers: int) -> list[int]:
@@ -259,7 +258,7 @@ def profs_edit(config: ProfsConfig, loaded, pairs: Pairs) -> dict:
 
 
 def run(config: ProfsConfig) -> int:
-    from lmprune.core.models import load_model, save_model, skeleton
+    from lmprune.core.models import save_model
 
     check_config(config)
     if not config.out:
@@ -267,8 +266,8 @@ def run(config: ProfsConfig) -> int:
     check_out_dir(config.out, "checkpoint", config.overwrite)
     pairs = read_pairs(config)
     # layers and rank checked on the model built without weights: bad input costs no load
-    check_model(config, NeuronMap(skeleton(config.model)))
-    loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+    check_model(config, NeuronMap(config.skeleton()))
+    loaded = config.load()
     meta = profs_edit(config, loaded, pairs)
     save_model(loaded.model, loaded.tokenizer, config.out,
                extra_files={LINEAGE_FILE: meta}, overwrite=config.overwrite)

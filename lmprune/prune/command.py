@@ -17,7 +17,7 @@ from torch import nn
 
 from lmprune import __version__
 from lmprune.core.arch import NeuronMap
-from lmprune.core.config import StageSpec, option
+from lmprune.core.config import StageSpec, option, redeclare
 from lmprune.core.errors import LmpruneError, warn
 from lmprune.core.io import check_out_dir
 from lmprune.core.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
@@ -30,6 +30,7 @@ from lmprune.core.masks import (
 )
 from lmprune.core.models import check_identity
 from lmprune.core.module_map import check_module_map, module_neurons, read_module_map
+from lmprune.core.specs import ModelSpec
 from lmprune.core.stats_folder import MANIFEST_FILE, STATS_FILE, read_manifest, read_tensors
 
 MODES = ["modules", "neurons", "dampen", "random"]
@@ -274,10 +275,13 @@ def _sync_features(module: nn.Module) -> None:
 
 
 @dataclass
-class PruneConfig:
+class PruneConfig(ModelSpec):
     """lmprune prune: choose neurons, zero them, save a checkpoint with lmprune.json."""
 
-    model: str = option("smollm2-135m", "Hub id, local folder, .gguf file or bundled alias.")
+    dtype = redeclare("float32")  # the weights it edits and saves
+    # cpu unless asked, as prune always had it: the checkpoint it writes then does not depend
+    # on whether the machine has a GPU
+    device = redeclare("cpu")
     out: str | None = option(None, "Output checkpoint folder (required).")
     mode: str = option("modules", "What to prune: the selected modules, the top single neurons "
                        "by AUROC, AURA dampening, or a random control.", choices=MODES)
@@ -313,11 +317,8 @@ class PruneConfig:
     max_length: int = option(128, "target:X: tokens per text in the loss evaluation.")
     physical: bool = option(False, "Remove the neurons (smaller MLP width) instead of zeroing; "
                             "only when every layer loses the same number.")
-    dtype: str = option("float32", "Weights dtype.",
-                        choices=["auto", "float32", "bfloat16", "float16"])
-    device: str = option("cpu", "Device: cpu, cuda, cuda:N or auto.")
     overwrite: bool = option(False, "Replace an existing --out folder that is not an lmprune "
-                             "checkpoint (its files are lost).")
+                             "checkpoint (its files are lost).", stage_key=False)
 
 
 @dataclass
@@ -498,12 +499,12 @@ def prune_model(config: PruneConfig, loaded) -> dict:
 
 
 def run(config: PruneConfig) -> int:
-    from lmprune.core.models import load_model, save_model
+    from lmprune.core.models import save_model
 
     if not config.out:
         raise LmpruneError("--out DIR is required (the folder of the pruned checkpoint)")
     check_out_dir(config.out, "checkpoint", config.overwrite)
-    loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+    loaded = config.load()
     meta = prune_model(config, loaded)
     save_model(loaded.model, loaded.tokenizer, config.out,
                extra_files={LINEAGE_FILE: meta}, overwrite=config.overwrite)

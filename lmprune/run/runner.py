@@ -19,13 +19,11 @@ from pathlib import Path
 
 import yaml
 
-from lmprune.core.config import StageSpec
+from lmprune.core.config import StageSpec, unhashed
 from lmprune.core.errors import ConfigError, LmpruneError
 from lmprune.core.io import write_text_atomic
 
 MARKERS = ".stages"
-# Settings that change how a stage treats its output path, not what it computes.
-UNHASHED = {"overwrite"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,7 +92,9 @@ class Stage:
         so a moved or copied run folder is still up to date."""
         config = dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) \
             else self.config
-        config = {k: v for k, v in config.items() if k not in UNHASHED}
+        # fields declared option(stage_key=False) change how a stage treats its output path,
+        # not what it computes
+        config = {k: v for k, v in config.items() if k not in unhashed(self.config)}
         text = json.dumps({"stage": self.name, "config": config}, sort_keys=True, default=str)
         return digest({"settings": text.replace(str(root), "<run>"),
                         "inputs": [path_hash(p) for p in self.inputs],
