@@ -30,18 +30,15 @@ from lmprune.run.runner import (
     check_stages,
     duration,
     execute_stages,
-    planned,
+    planner,
     record_recipe,
 )
-from lmprune.stages import STAGES
 
 
 def plan_compare(recipe: CompareRecipe, folder: CompareFolder) -> list[Stage]:
     model = recipe.run.model
     replace = dataclasses.replace
-
-    def stage(kind: str, config, name: str | None = None) -> Stage:
-        return planned(STAGES[kind], config, folder.root, name)
+    stage = planner(folder.root)
 
     stages = [stage("collect", replace(recipe.collect, model=model, out=str(folder.stats)))]
 
@@ -166,7 +163,7 @@ def _induce_stages(recipe: CompareRecipe, folder: CompareFolder, prunes: list) -
     values.setdefault("offensive", recipe.collect.offensive)
     values.setdefault("clean", recipe.collect.clean)
     cfg = build_config(InduceConfig, values, where="induce")
-    stage = planned(STAGES["induce"], cfg, folder.root)
+    stage = planner(folder.root)("induce", cfg)
     designated = str(routed / "modules.json")
     device = recipe.headline.prune.device
     prunes.append(("induced", PruneConfig(model=str(routed), mode="modules", modules=designated,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmprune.core.config import Spec, option, spec_values
+from lmprune.core.config import Spec, option, redeclare, spec_values
 
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
 SCHEDULES = ["linear", "cosine", "constant"]
@@ -53,6 +53,18 @@ class ModelSpec(Spec):
         from lmprune.core import models
 
         return models.skeleton(self.model, self.revision, self.trust_remote_code)
+
+
+@dataclass(kw_only=True)
+class WeightEditSpec(ModelSpec):
+    """A stage that edits a model's weights and saves the checkpoint (prune, ProFS,
+    Linear-AcT)."""
+
+    dtype = redeclare("float32")  # the weights it edits and saves
+    # cpu unless asked: the checkpoint it writes then does not depend on whether the machine has
+    # a GPU
+    device = redeclare("cpu")
+    out: str | None = option(None, "Output checkpoint folder (required).")
 
 
 @dataclass(kw_only=True)

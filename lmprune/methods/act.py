@@ -54,14 +54,14 @@ from tqdm.auto import tqdm
 
 from lmprune import __version__
 from lmprune.core.arch import ARCHITECTURES, NeuronMap, parse_layers
-from lmprune.core.config import StageSpec, check_bounds, option, redeclare
+from lmprune.core.config import StageSpec, check_bounds, option
 from lmprune.core.data import Corpus, load_corpus
 from lmprune.core.errors import LmpruneError, warn
 from lmprune.core.hooks import NeuronHooks
 from lmprune.core.io import check_out_dir
 from lmprune.core.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
 from lmprune.core.masks import count_neurons, neurons_to_json, normalize_neurons
-from lmprune.core.specs import ModelSpec
+from lmprune.core.specs import WeightEditSpec
 
 # a source sample whose spread is below this share of its size counts as constant
 FLAT = 1e-9
@@ -71,14 +71,9 @@ Maps = dict[int, tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
-class ActConfig(ModelSpec):
+class ActConfig(WeightEditSpec):
     """lmprune act: transport MLP neuron activations from offensive to clean text (Linear-AcT)."""
 
-    dtype = redeclare("float32")  # the weights it edits and saves
-    # cpu unless asked, as act always had it: the checkpoint it writes then does not depend on
-    # whether the machine has a GPU
-    device = redeclare("cpu")
-    out: str | None = option(None, "Output checkpoint folder (required).")
     offensive: str = option("paradetox:toxic", "Corpus spec of offensive text: the source "
                             "distribution (see lmprune.core.data).", corpus=True)
     clean: str = option("paradetox:neutral", "Corpus spec of clean text: the target "

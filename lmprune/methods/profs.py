@@ -38,27 +38,22 @@ from tqdm.auto import tqdm
 
 from lmprune import __version__
 from lmprune.core.arch import NeuronMap, parse_layers
-from lmprune.core.config import StageSpec, check_bounds, option, redeclare
+from lmprune.core.config import StageSpec, check_bounds, option
 from lmprune.core.data import Pairs, load_pairs
 from lmprune.core.errors import ConfigError, LmpruneError, warn
 from lmprune.core.io import check_out_dir
 from lmprune.core.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
 from lmprune.core.masks import count_neurons, neurons_to_json, normalize_neurons
-from lmprune.core.specs import ModelSpec
+from lmprune.core.specs import WeightEditSpec
 
 # singular values recorded per layer: enough to see where the spectrum drops
 KEPT_SINGULAR_VALUES = 16
 
 
 @dataclass
-class ProfsConfig(ModelSpec):
+class ProfsConfig(WeightEditSpec):
     """lmprune profs: project a toxic subspace out of the MLP output weights (ProFS)."""
 
-    dtype = redeclare("float32")  # the weights it edits and saves
-    # cpu unless asked, as profs always had it: the checkpoint it writes then does not depend
-    # on whether the machine has a GPU
-    device = redeclare("cpu")
-    out: str | None = option(None, "Output checkpoint folder (required).")
     pairs: str = option("paradetox", "Paired texts, an offensive one and its clean rewrite: "
                         "paradetox, or FILE.tsv|csv|jsonl?offensive=COL&clean=COL, or "
                         "hf:ID?split=S&offensive=COL&clean=COL.")

@@ -17,7 +17,7 @@ from torch import nn
 
 from lmprune import __version__
 from lmprune.core.arch import NeuronMap
-from lmprune.core.config import StageSpec, option, redeclare
+from lmprune.core.config import StageSpec, option
 from lmprune.core.errors import LmpruneError, warn
 from lmprune.core.io import check_out_dir
 from lmprune.core.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
@@ -30,7 +30,7 @@ from lmprune.core.masks import (
 )
 from lmprune.core.models import check_identity
 from lmprune.core.module_map import check_module_map, module_neurons, read_module_map
-from lmprune.core.specs import ModelSpec
+from lmprune.core.specs import WeightEditSpec
 from lmprune.core.stats_folder import MANIFEST_FILE, STATS_FILE, read_manifest, read_tensors
 
 MODES = ["modules", "neurons", "dampen", "random"]
@@ -275,14 +275,9 @@ def _sync_features(module: nn.Module) -> None:
 
 
 @dataclass
-class PruneConfig(ModelSpec):
+class PruneConfig(WeightEditSpec):
     """lmprune prune: choose neurons, zero them, save a checkpoint with lmprune.json."""
 
-    dtype = redeclare("float32")  # the weights it edits and saves
-    # cpu unless asked, as prune always had it: the checkpoint it writes then does not depend
-    # on whether the machine has a GPU
-    device = redeclare("cpu")
-    out: str | None = option(None, "Output checkpoint folder (required).")
     mode: str = option("modules", "What to prune: the selected modules, the top single neurons "
                        "by AUROC, AURA dampening, or a random control.", choices=MODES)
     modules: str | None = option(None, "Module map (modules.json from `lmprune locate`).")

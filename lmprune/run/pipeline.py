@@ -27,18 +27,15 @@ from lmprune.run.runner import (
     check_stages,
     duration,
     execute_stages,
-    planned,
+    planner,
     record_recipe,
 )
-from lmprune.stages import STAGES
 
 
 def plan_stages(recipe: Recipe, folder: RunFolder) -> list[Stage]:
     model = recipe.run.model
     replace = dataclasses.replace
-
-    def stage(kind: str, config, name: str | None = None) -> Stage:
-        return planned(STAGES[kind], config, folder.root, name)
+    stage = planner(folder.root)
 
     stages = [
         stage("collect", replace(recipe.collect, model=model, out=str(folder.stats))),

@@ -124,6 +124,14 @@ def planned(spec: StageSpec, config, root: Path, name: str | None = None) -> Sta
                  [Path(v) for v in values(spec.outputs)], inputs, sources, spec)
 
 
+def planner(root: Path) -> Callable[..., Stage]:
+    """`plan(kind, config, name=None)`: the registered stage `kind` (lmprune/stages.py) with
+    `config`, planned in the folder `root` (see `planned`)."""
+    from lmprune.stages import STAGES
+
+    return lambda kind, config, name=None: planned(STAGES[kind], config, root, name)
+
+
 class StageFolder:
     """A folder whose stages leave markers: OUT/.stages/NAME.json."""
 
