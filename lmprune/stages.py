@@ -1,7 +1,8 @@
 """The stage registry: every stage in flow order, each declared once by its own module as a
-`StageSpec` (lmprune/core/config.py: name, config class, `run`, outputs, inputs, wired and
-corpus keys). The CLI makes one subcommand of each; `lmprune run` and `lmprune compare` read
-the same specs to wire stages together, check recipes and key their cache."""
+`StageSpec` (lmprune/core/config.py: name, config class, `run`, the fields naming its outputs,
+inputs, wired keys and sources, a runner step and a pre-flight check; its corpus keys come from
+its config's fields). The CLI makes one subcommand of each; `lmprune run` and `lmprune compare`
+read the same specs to wire stages together, check recipes and key their cache."""
 
 from __future__ import annotations
 

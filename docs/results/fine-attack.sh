@@ -34,3 +34,13 @@ for lr in 1e-4 1e-5; do
     attack dpo-64$tag --lr $lr --model $O/dpo
 done
 attack pruned-16 --docs 16 --model $O/run/pruned
+# after the benign fine-tuning: the pruned model, its control and the base, each fine-tuned as
+# the recipe does (60 WikiText-2 steps, batch 4 x 128, lr 5e-5 cosine, 6 warmup), then the gentle
+# attack on each
+for row in pruned control-0 base; do
+    model=$O/run/$row; [ $row = base ] && model=smollm2-135m
+    timed finetune-$row lmprune finetune --model $model --out $O/$row-finetuned \
+        --data wikitext2:valid --max-steps 60 --batch-size 4 --seq-len 128 --lr 5e-5 \
+        --schedule cosine --warmup-steps 6 --eval-every 0 --base-model smollm2-135m
+    attack $row-finetuned-64-lr1e-5 --lr 1e-5 --model $O/$row-finetuned
+done

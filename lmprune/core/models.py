@@ -23,6 +23,7 @@ from torch import nn
 from lmprune.core.arch import layout_for
 from lmprune.core.errors import LmpruneError, first_line
 from lmprune.core.io import check_out_dir, check_safetensors, chmod_default, read_json
+from lmprune.core.lineage import read_lineage
 
 
 @dataclass(frozen=True)
@@ -234,9 +235,8 @@ def _identity(source: ModelSource, model: nn.Module, folder: str) -> dict:
         ident["revision"] = getattr(model.config, "_commit_hash", None) or source.revision
     else:
         ident["weights_sha256"] = folder_weights_sha256(folder)
-        lineage = Path(folder) / "lmprune.json"
-        if lineage.is_file():  # a checkpoint lmprune wrote: keep its base model visible
-            meta = read_json(lineage, "prune or fine-tune again to rewrite it")
+        meta = read_lineage(folder)
+        if meta is not None:  # a checkpoint lmprune wrote: keep its base model visible
             ident["base_model"] = meta.get("base_model")
     return ident
 

@@ -3,8 +3,9 @@ and its inputs and outputs; its key hashes the settings and the inputs' contents
 
 Every stage leaves a marker `OUT/.stages/NAME.json`: written "started" (with the stage's key)
 before it runs and "done" after, atomically. A stage whose marker is done with the same key, and
-whose outputs exist, is skipped. A stage that was killed reruns; collect and fine-tune resume
-from their own checkpoints when the key is unchanged, and start over when it changed.
+whose outputs exist, is skipped. A stage that was killed reruns; collect, fine-tune and the
+relearning attack resume from their own checkpoints when the key is unchanged, and start over
+when it changed.
 """
 
 from __future__ import annotations
@@ -103,10 +104,9 @@ class Stage:
 
 def planned(spec: StageSpec, config, root: Path, name: str | None = None) -> Stage:
     """The stage of a registered spec, wired from its config: its outputs are the spec's output
-    fields; every path it reads (the model, the spec's inputs and sources, its corpora) counts
-    as an input where it lies inside the run folder (a stage made it: hashed by content when
-    reached) and as a source elsewhere (a model name or corpus spec, hashed by content where
-    local)."""
+    fields; the model and the spec's inputs and sources count as inputs where they lie inside the
+    run folder (a stage made them: hashed by content when reached) and as sources elsewhere (a
+    model name, hashed by content where local); its corpus specs are sources."""
     def values(names) -> list[str]:
         found = []
         for key in names:
@@ -116,9 +116,10 @@ def planned(spec: StageSpec, config, root: Path, name: str | None = None) -> Sta
 
     root = Path(root).resolve()
     inputs, sources = [], []
-    for value in values(["model", *spec.inputs, *spec.sources, *spec.corpus_keys]):
+    for value in values(["model", *spec.inputs, *spec.sources]):
         inside = Path(value).resolve().is_relative_to(root)
         (inputs if inside else sources).append(Path(value) if inside else value)
+    sources += values(spec.corpus_keys)  # corpus specs: never a stage's output
     step = spec.step or (lambda cfg, resume: spec.run(cfg))
     return Stage(name or spec.name, config, lambda resume: step(config, resume),
                  [Path(v) for v in values(spec.outputs)], inputs, sources, spec)
