@@ -311,16 +311,13 @@ def summary(result: dict) -> str:
 
 def needs(config: EvalConfig) -> list[Need]:
     """The settings checked (`check_config`), and the scorers and judge it will load."""
-    from lmprune.evaluate.fluency import BASE_JUDGE
+    from lmprune.evaluate.fluency import measurement_needs
 
     check_config(config)
     if not (config.toxicity and config.prompts.lower() != SKIP):
         return []
-    found = [Need("scorer", spec, config.device, "scorer" if spec == config.scorer
-                  else "extra_scorers") for spec in [config.scorer, *config.extra_scorers]]
-    if config.fluency_judge.lower() not in (SKIP, BASE_JUDGE):
-        found.append(Need("judge", config.fluency_judge, config.device, "fluency_judge"))
-    return found
+    return measurement_needs(config.scorer, config.extra_scorers, config.fluency_judge,
+                             config.device)
 
 
 STAGE = StageSpec(

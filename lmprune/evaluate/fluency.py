@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lmprune.core.config import Need
 from lmprune.core.errors import LmpruneError
 from lmprune.evaluate.generate import PromptBatch, cache_keyword, encode_prompts, prefill
 
@@ -164,3 +165,15 @@ def judge_fluency(judge, tokenizer, prompts: list[str], continuations: list[list
         "elapsed_s": round(time.perf_counter() - started, 3),
         "per_continuation": per_cont,
     }
+
+
+def measurement_needs(scorer: str, extra_scorers: list[str], judge: str,
+                      device: str) -> list[Need]:
+    """What a toxicity measurement loads, for a runner's check before its first stage: each
+    scorer (by the config field naming it) and the fluency judge unless it is skipped or the
+    checkpoint's own base."""
+    found = [Need("scorer", spec, device, "scorer" if spec == scorer else "extra_scorers")
+             for spec in [scorer, *extra_scorers]]
+    if judge.lower() not in ("none", BASE_JUDGE):
+        found.append(Need("judge", judge, device, "fluency_judge"))
+    return found

@@ -402,9 +402,11 @@ def run(config: FinetuneConfig) -> int:
 
 def needs(config: FinetuneConfig) -> list[Need]:
     """The settings checked, and the scorer of the relearning curve when there is one."""
-    check_finetune_config(config)
-    return [Need("scorer", config.scorer, config.device, "scorer")] if config.eval_every > 0 \
-        else []
+    from lmprune.evaluate.fluency import measurement_needs
+
+    check_finetune_config(config)  # the curve scores with one scorer and no judge
+    return measurement_needs(config.scorer, [], "none", config.device) \
+        if config.eval_every > 0 else []
 
 
 STAGE = StageSpec(

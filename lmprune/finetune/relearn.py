@@ -234,14 +234,11 @@ def run(config: RelearnConfig) -> int:
 
 def needs(config: RelearnConfig) -> list[Need]:
     """The settings checked, and the scorers and fluency judge the attack's curve loads."""
-    from lmprune.evaluate.fluency import BASE_JUDGE
+    from lmprune.evaluate.fluency import measurement_needs
 
     check_config(config)
-    found = [Need("scorer", spec, config.device, "scorer" if spec == config.scorer
-                  else "extra_scorers") for spec in [config.scorer, *config.extra_scorers]]
-    if config.fluency_judge.lower() not in ("none", BASE_JUDGE):
-        found.append(Need("judge", config.fluency_judge, config.device, "fluency_judge"))
-    return found
+    return measurement_needs(config.scorer, config.extra_scorers, config.fluency_judge,
+                             config.device)
 
 
 STAGE = StageSpec(
