@@ -8,10 +8,18 @@ import sys
 import time
 from pathlib import Path
 
+from lmprune import __version__
 from lmprune.core.errors import LmpruneError
 from lmprune.core.io import read_json
 
 LINEAGE_FILE = "lmprune.json"
+FORMAT = "lmprune.checkpoint"
+FORMAT_VERSION = 1
+
+
+def stamp() -> dict:
+    """The fields that open every lineage a stage writes: the format and the writer's version."""
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "lmprune_version": __version__}
 
 
 def read_lineage(folder: str | Path, required: bool = False) -> dict | None:

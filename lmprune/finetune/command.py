@@ -32,7 +32,7 @@ from lmprune.core.config import (
 from lmprune.core.data import Corpus, load_corpus
 from lmprune.core.errors import ConfigError, LmpruneError, warn
 from lmprune.core.io import check_out_dir, read_json, save_figure_atomic, write_json_atomic
-from lmprune.core.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
+from lmprune.core.lineage import LINEAGE_FILE, command_line, read_lineage, stamp, utc_now
 from lmprune.core.lock import folder_lock
 from lmprune.core.masks import PruneMask
 from lmprune.core.specs import ModelSpec, PerplexityProtocol, ToxicityProtocol, TrainingSpec
@@ -329,7 +329,7 @@ def _final_meta(config: FinetuneConfig, meta: dict | None, identity: dict, corpu
     from lmprune import __version__
 
     out = dict(meta) if meta else {
-        "format": "lmprune.checkpoint", "format_version": 1, "base_model": identity,
+        **stamp(), "base_model": identity,
         "mode": "none", "pruned_neurons": {}, "history": []}
     out["lmprune_version"] = __version__
     out["command"] = command_line()

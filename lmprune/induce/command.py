@@ -46,7 +46,7 @@ from lmprune.core.config import (
 )
 from lmprune.core.errors import LmpruneError
 from lmprune.core.io import check_out_dir
-from lmprune.core.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
+from lmprune.core.lineage import LINEAGE_FILE, command_line, read_lineage, stamp, utc_now
 from lmprune.core.masks import (
     NeuronSet,
     PruneMask,
@@ -590,10 +590,9 @@ def score_module(model: nn.Module, tokenizer, neurons: NeuronSet, offensive: lis
 def checkpoint_meta(identity: dict, previous: dict | None, neurons: NeuronSet, nmap: NeuronMap,
                     record: dict) -> dict:
     """lmprune.json of the induced checkpoint: nothing pruned yet, the designated neurons."""
-    from lmprune import __version__
 
     return {
-        "format": "lmprune.checkpoint", "format_version": 1, "lmprune_version": __version__,
+        **stamp(),
         "base_model": identity.get("base_model") or identity, "source_model": identity,
         "mode": "induced", "pruned_neurons": {}, "num_pruned": 0, "fraction_pruned": 0.0,
         "designated_neurons": neurons_to_json(neurons),

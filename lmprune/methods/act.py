@@ -52,14 +52,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lmprune import __version__
 from lmprune.core.arch import ARCHITECTURES, NeuronMap, parse_layers
 from lmprune.core.config import StageSpec, check_bounds, option
 from lmprune.core.data import Corpus, load_corpus
 from lmprune.core.errors import LmpruneError, warn
 from lmprune.core.hooks import NeuronHooks
 from lmprune.core.io import check_out_dir
-from lmprune.core.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
+from lmprune.core.lineage import LINEAGE_FILE, command_line, read_lineage, stamp, utc_now
 from lmprune.core.masks import count_neurons, neurons_to_json, normalize_neurons
 from lmprune.core.specs import WeightEditSpec
 
@@ -438,7 +437,7 @@ def act_edit(config: ActConfig, loaded, offensive: Corpus, clean: Corpus) -> dic
     }
     return {
         **previous,
-        "format": "lmprune.checkpoint", "format_version": 1, "lmprune_version": __version__,
+        **stamp(),
         "base_model": loaded.identity.get("base_model") or loaded.identity,
         "source_model": loaded.identity,
         "mode": "act",

@@ -49,13 +49,12 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lmprune import __version__
 from lmprune.core.arch import NeuronMap
 from lmprune.core.config import StageSpec, check_bounds, option, redeclare
 from lmprune.core.data import Pairs, load_pairs
 from lmprune.core.errors import ConfigError, LmpruneError, warn
 from lmprune.core.io import check_out_dir
-from lmprune.core.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
+from lmprune.core.lineage import LINEAGE_FILE, command_line, read_lineage, stamp, utc_now
 from lmprune.core.masks import PruneMask, count_neurons, neurons_to_json
 from lmprune.core.specs import ModelSpec
 
@@ -242,7 +241,7 @@ def dpo_train(config: DpoConfig, loaded, train: Pairs, held_out: Pairs | None) -
     pruned = mask.pruned_neurons
     return {
         **previous,
-        "format": "lmprune.checkpoint", "format_version": 1, "lmprune_version": __version__,
+        **stamp(),
         "base_model": loaded.identity.get("base_model") or loaded.identity,
         "source_model": loaded.identity,
         "mode": "dpo",

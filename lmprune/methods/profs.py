@@ -36,13 +36,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lmprune import __version__
 from lmprune.core.arch import NeuronMap, parse_layers
 from lmprune.core.config import StageSpec, check_bounds, option
 from lmprune.core.data import Pairs, load_pairs
 from lmprune.core.errors import ConfigError, LmpruneError, warn
 from lmprune.core.io import check_out_dir
-from lmprune.core.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
+from lmprune.core.lineage import LINEAGE_FILE, command_line, read_lineage, stamp, utc_now
 from lmprune.core.masks import count_neurons, neurons_to_json, normalize_neurons
 from lmprune.core.specs import WeightEditSpec
 
@@ -237,7 +236,7 @@ def profs_edit(config: ProfsConfig, loaded, pairs: Pairs) -> dict:
               "seconds": round(time.perf_counter() - started, 1)}
     return {
         **previous,
-        "format": "lmprune.checkpoint", "format_version": 1, "lmprune_version": __version__,
+        **stamp(),
         "base_model": loaded.identity.get("base_model") or loaded.identity,
         "source_model": loaded.identity,
         "mode": "profs",

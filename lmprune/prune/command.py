@@ -15,12 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmprune import __version__
 from lmprune.core.arch import NeuronMap
 from lmprune.core.config import StageSpec, option
 from lmprune.core.errors import LmpruneError, warn
 from lmprune.core.io import check_out_dir
-from lmprune.core.lineage import LINEAGE_FILE, command_line, read_lineage, utc_now
+from lmprune.core.lineage import LINEAGE_FILE, command_line, read_lineage, stamp, utc_now
 from lmprune.core.masks import (
     NeuronSet,
     PruneMask,
@@ -466,7 +465,7 @@ def prune_model(config: PruneConfig, loaded) -> dict:
     PruneMask(loaded.model, pruned).apply(loaded.model)
     total = sum(nmap.widths)
     meta = {
-        "format": "lmprune.checkpoint", "format_version": 1, "lmprune_version": __version__,
+        **stamp(),
         "base_model": loaded.identity.get("base_model") or loaded.identity,
         "source_model": loaded.identity,
         "mode": config.mode,
