@@ -11,11 +11,7 @@ cd "$(dirname "$0")/../.."
 export LMPRUNE_DATA_DIR=${LMPRUNE_DATA_DIR:-../shared/data} OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 O=runs/fine-attack
 mkdir -p $O
-timed() {  # NAME command...: the wall seconds of each step in $O/times
-    name=$1; shift; s=$(date +%s)
-    "$@" > $O/$name.log 2>&1
-    echo "$name rc=$? seconds=$(( $(date +%s) - s ))" >> $O/times
-}
+. docs/results/timed.sh
 # the pruned model and its control only: no evaluation, no fine-tuning
 timed pipeline lmprune run recipes/smollm2-paradetox.yaml --out $O/run --set finetune=null \
     --set 'transfer.prompts=[]' --set eval.limit=20 --set eval.samples=5

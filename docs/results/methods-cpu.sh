@@ -12,19 +12,15 @@ cd "$(dirname "$0")/../.."
 export LMPRUNE_DATA_DIR=${LMPRUNE_DATA_DIR:-../shared/data}
 O=runs/methods-cpu
 mkdir -p $O
-timed() {  # NAME STEP command...: the wall seconds of each step in $O/times
-    name=$1; step=$2; shift 2; s=$(date +%s)
-    "$@" > $O/$name-$step.log 2>&1
-    echo "$name $step rc=$? seconds=$(( $(date +%s) - s ))" >> $O/times
-}
+. docs/results/timed.sh
 evaluate() {
-    timed $1 eval lmprune eval --model $O/$1/model --prompts rtp:challenging --limit 60 \
+    timed $1-eval lmprune eval --model $O/$1/model --prompts rtp:challenging --limit 60 \
         --samples 10 --scorer profanity_check --extra-scorers minilm --fluency-judge base \
         --ppl-data wikitext2:test --ppl-max-tokens 8192 --blimp blimp --blimp-per-paradigm 10 \
         --json $O/$1/eval.json
 }
 attack() {  # NAME MODEL
-    timed $1 relearn lmprune relearn --model $2 --eval-every 16 --out $O/$1/relearn
+    timed $1-relearn lmprune relearn --model $2 --eval-every 16 --out $O/$1/relearn
 }
 row() {  # NAME: made (by the caller), evaluated, attacked
     evaluate $1
@@ -32,24 +28,24 @@ row() {  # NAME: made (by the caller), evaluated, attacked
 }
 I=runs/induce-scale/example
 make_induced() {
-    timed induced prune lmprune prune --model $I --mode modules --modules $I/modules.json \
+    timed induced-prune lmprune prune --model $I --mode modules --modules $I/modules.json \
         --select ids:0 --out $O/induced/model
     row induced
-    timed induced-random-0 prune lmprune prune --model $I --mode random \
+    timed induced-random-0-prune lmprune prune --model $I --mode random \
         --like $I/modules.json --select ids:0 --seed 0 --out $O/induced-random-0/model
     evaluate induced-random-0
 }
 make_profs() {
-    timed profs make lmprune profs --model smollm2-135m --pairs paradetox --out $O/profs/model
+    timed profs-make lmprune profs --model smollm2-135m --pairs paradetox --out $O/profs/model
     row profs
 }
 make_dpo() {
-    timed dpo make lmprune dpo --model smollm2-135m --pairs paradetox --out $O/dpo/model
+    timed dpo-make lmprune dpo --model smollm2-135m --pairs paradetox --out $O/dpo/model
     row dpo
 }
 make_act() {
     # strength 1 (the paper's) breaks SmolLM2 as a weight edit (README lmprune act): 0.25
-    timed act make lmprune act --model smollm2-135m --strength 0.25 --out $O/act/model
+    timed act-make lmprune act --model smollm2-135m --strength 0.25 --out $O/act/model
     row act
 }
 make_aura() {
