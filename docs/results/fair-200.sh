@@ -9,4 +9,5 @@ export LMPRUNE_DATA_DIR=${LMPRUNE_DATA_DIR:-../shared/data} OMP_NUM_THREADS=1 MK
 lmprune compare recipes/compare-smollm2.yaml --out runs/fair-200 --set eval.limit=200 \
     --set 'modules={candidate-modules-1pct: {rank_by: causal, select: "budget:1%", locate: {candidates: 1024, k: 8, general: none, matched: false}}}' \
     --set 'compare.random_seeds=[]' --set compare.aura=false --set compare.top_auroc=false \
-    --set 'compare.frontier_budgets=[]' --set 'compare.aura_strengths=[]' --set induce=null
+    --set 'compare.frontier_budgets=[]' --set 'compare.aura_strengths=[]' --set induce=null \
+    --set finetune.eval_every=0
