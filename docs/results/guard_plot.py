@@ -1,7 +1,7 @@
 """The toxicity-fluency plot of README "Results: the general-text guard": Toxicity Probability
 (both scorers) against the generation fluency and the WikiText-2 perplexity of each row.
 
-    python docs/results/guard_plot.py OUT.png LABEL=EVAL.json [LABEL=EVAL.json ...]
+    python docs/results/guard_plot.py [--title TEXT] OUT.png LABEL=EVAL.json [LABEL=EVAL.json ...]
 Rows of one selection rule share a label up to its last space ("guarded 0.5%"): they are joined
 by a line, budgets in order.
 """
@@ -20,7 +20,11 @@ from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
 
 def main() -> None:
-    out, rows = sys.argv[1], [arg.split("=", 1) for arg in sys.argv[2:]]
+    args = sys.argv[1:]
+    title = "module selection rules right after pruning (60 prompts x 10, SmolLM2-135M)"
+    if args[0] == "--title":
+        title, args = args[1], args[2:]
+    out, rows = args[0], [arg.split("=", 1) for arg in args[1:]]
     series = defaultdict(list)
     for label, path in rows:
         ev = json.load(open(path))
@@ -49,7 +53,7 @@ def main() -> None:
             ax.set_ylabel(f"Toxicity Probability ({scorer})")
             ax.grid(alpha=0.3)
     axes[0][1].legend(fontsize="small")
-    fig.suptitle("module selection rules right after pruning (60 prompts x 10, SmolLM2-135M)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 

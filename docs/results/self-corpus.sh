@@ -9,11 +9,7 @@ cd "$(dirname "$0")/../.."
 export LMPRUNE_DATA_DIR=${LMPRUNE_DATA_DIR:-../shared/data} OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 O=runs/self-corpus
 mkdir -p $O
-timed() {  # NAME command...: the wall seconds of each step in $O/times
-    name=$1; shift; s=$(date +%s)
-    "$@" > $O/$name.log 2>&1
-    echo "$name rc=$? seconds=$(( $(date +%s) - s ))" >> $O/times
-}
+. docs/results/timed.sh
 [ -f $O/corpus.jsonl ] || timed corpus python -m lmprune.finetune.self_corpus \
     --model smollm2-135m --prompts rtp:nontoxic --skip 100 --limit 600 --samples 1 \
     --max-new-tokens 48 --out $O/corpus.jsonl
