@@ -1,10 +1,11 @@
 #!/bin/bash
-# README "Fine-tuning on the base's own writing": a corpus of the unpruned model's continuations
+# README "Like with like on 200 prompts, and a fine-tuning corpus of the base's own writing": a corpus of the unpruned model's continuations
 # of 600 RealToxicityPrompts non-toxic prompts (the 101st to the 700th: the default recipe's
 # transfer check reads the first 30), each kept only when profanity_check and minilm both rate it
 # below 0.5; then the base and the headline module pruning of runs/fair-200 (run
 # docs/results/fair-200.sh first) fine-tuned on it exactly as the comparison fine-tunes on
-# WikiText-2, and evaluated on the comparison's protocol (the first 200 prompts x 10). One thread (the CPU was shared).
+# WikiText-2, and evaluated on the comparison's protocol (the first 200 prompts x 10). One
+# thread (the CPU was shared).
 cd "$(dirname "$0")/../.."
 export LMPRUNE_DATA_DIR=${LMPRUNE_DATA_DIR:-../shared/data} OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 O=runs/self-corpus
