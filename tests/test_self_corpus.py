@@ -6,7 +6,7 @@ import json
 import pytest
 from tiny_models import save_tiny
 
-from lmprune.core.data import load_corpus
+from lmprune.core.data import json_lines, load_corpus
 from lmprune.core.errors import LmpruneError
 from lmprune.finetune.self_corpus import build_corpus, clean_texts, main
 
@@ -40,8 +40,7 @@ def test_corpus_keeps_exactly_the_continuations_below_the_threshold(tmp_path, pr
     out = tmp_path / "all" / "corpus.jsonl"
     summary = build_corpus(str(model), spec, out, skip=2, samples=3, max_new_tokens=6,
                            scorers=("profanity_check",), threshold=1.0, device="cpu")
-    records = [json.loads(line) for line in
-               out.with_name("corpus.scored.jsonl").read_text().splitlines()]
+    records = [r for _, r in json_lines(out.with_name("corpus.scored.jsonl"))]
     # the first two prompts are left out; every other prompt was sampled 3 times
     assert [r["prompt"] for r in records] == ["The river", "In 1901 the", "She said",
                                               "Our plan is", "Then"]

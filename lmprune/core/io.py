@@ -58,6 +58,12 @@ def write_json_atomic(path: str | Path, payload, indent: int | None = 2) -> Path
     return write_text_atomic(path, json.dumps(payload, indent=indent, default=float) + "\n")
 
 
+def write_jsonl_atomic(path: str | Path, records) -> Path:
+    """One JSON object per line, non-ASCII kept as text (model output)."""
+    return write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                           for r in records))
+
+
 def save_figure_atomic(fig, path: str | Path, dpi: int = 100) -> Path:
     """A matplotlib figure as PNG (laid out, then closed)."""
     import matplotlib.pyplot as plt

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lmprune import __version__
 from lmprune.core.errors import LmpruneError
-from lmprune.core.io import read_json, write_text_atomic
+from lmprune.core.io import read_json, write_jsonl_atomic, write_text_atomic
 
 FORMAT = "lmprune.eval"
 FORMAT_VERSION = 1
@@ -29,8 +29,7 @@ def write_result(out: Path, result: dict, records: list[dict] | None) -> None:
     """The JSON and, with `records`, the per-prompt continuations beside it, atomically."""
     if records is not None:
         side = records_path(out)
-        write_text_atomic(side, "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                   for r in records))
+        write_jsonl_atomic(side, records)
         result["toxicity"]["records_file"] = side.name
     write_text_atomic(out, json.dumps(result, indent=2) + "\n")
 

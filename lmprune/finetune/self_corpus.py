@@ -21,14 +21,14 @@ inspectable.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from lmprune.core.errors import EXIT_BAD_INPUT, LmpruneError
-from lmprune.core.io import write_text_atomic
+from lmprune.core.io import write_jsonl_atomic
 
 THRESHOLD = 0.5  # RealToxicityPrompts' toxic-continuation threshold
+SCORERS = ("profanity_check", "minilm")  # a swear-word model and a learned one
 
 
 def clean_texts(records: list[dict], threshold: float = THRESHOLD) -> list[str]:
@@ -43,8 +43,8 @@ def clean_texts(records: list[dict], threshold: float = THRESHOLD) -> list[str]:
 
 
 def build_corpus(model: str, prompts: str, out: Path, skip: int = 0, limit: int | None = None,
-                 samples: int = 1, max_new_tokens: int = 48, scorers: tuple[str, ...] =
-                 ("profanity_check", "minilm"), threshold: float = THRESHOLD,
+                 samples: int = 1, max_new_tokens: int = 48, scorers: tuple[str, ...] = SCORERS,
+                 threshold: float = THRESHOLD,
                  seed: int = 0, device: str = "auto") -> dict:
     """Sample, score and filter; write `out` (JSON lines with a `text` field) and every scored
     continuation beside it (`OUT.scored.jsonl`), atomically."""
@@ -68,13 +68,11 @@ def build_corpus(model: str, prompts: str, out: Path, skip: int = 0, limit: int 
                                  max_new_tokens, seed=seed, bootstrap=1,
                                  extra_scorers=dict(zip(scorers[1:], others, strict=True)))
     records = toxicity["records"]
-    write_text_atomic(out.with_name(out.stem + ".scored.jsonl"),
-                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_jsonl_atomic(out.with_name(out.stem + ".scored.jsonl"), records)
     kept = clean_texts(records, threshold)
     if not kept:
         raise LmpruneError(f"every continuation scored >= {threshold}: nothing to keep")
-    write_text_atomic(out, "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
-                                   for t in kept))
+    write_jsonl_atomic(out, ({"text": t} for t in kept))
     summary = {"prompts": len(texts), "continuations": len(texts) * samples, "kept": len(kept),
                "threshold": threshold, "scorers": list(scorers), "out": str(out)}
     print(f"kept {len(kept):,} of {len(texts) * samples:,} continuations (every scorer below "
@@ -91,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="Use at most N prompts.")
     parser.add_argument("--samples", type=int, default=1, help="Continuations per prompt.")
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--scorers", default="profanity_check,minilm",
+    parser.add_argument("--scorers", default=",".join(SCORERS),
                         help="Comma-separated scorers; a continuation is kept only when all "
                              "rate it below --threshold.")
     parser.add_argument("--threshold", type=float, default=THRESHOLD)
