@@ -272,6 +272,8 @@ def test_fingerprints_leave_out_exactly_what_they_left_out_before(tmp_path):
     assert _fingerprint(cfg, identity, "s", 4, 2, 1) == {
         **{k: getattr(cfg, k) for k in trained}, "model": "a" * 64, "data_sha256": "s",
         "num_blocks": 4, "total_steps": 2, "num_processes": 1}
+    distilled = FinetuneConfig(model="m", data="d", out="o", distill_from="t")  # only then
+    assert _fingerprint(distilled, identity, "s", 4, 2, 1)["distill_from"] == "t"
 
     ignored = {"out", "checkpoint_every", "device", "score_docs", "overwrite", "probe_random"}
     new = {"revision", "trust_remote_code"}  # declared since: left out, old checkpoints resume

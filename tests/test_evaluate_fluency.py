@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lmprune.core.errors import LmpruneError
-from lmprune.evaluate.fluency import judge_fluency, judge_name
+from lmprune.core.lineage import model_or_base
+from lmprune.evaluate.fluency import judge_fluency
 from tests.tiny_models import tiny_model, tiny_tokenizer
 
 PROMPTS = ["The cat sat", "Why", "A much longer prompt than the others, with commas,"]
@@ -85,7 +86,7 @@ def test_every_continuation_empty_is_an_error():
 
 
 def test_default_judge_is_the_base_model_of_the_lineage():
-    assert judge_name("base", {"name": "runs/x/pruned", "base_model": {"name": "smollm2-135m"}}) \
-        == "smollm2-135m"
-    assert judge_name("base", {"name": "gpt2"}) == "gpt2"
-    assert judge_name("gemma3-270m", {"name": "x", "base_model": {"name": "y"}}) == "gemma3-270m"
+    pruned = {"name": "runs/x/pruned", "base_model": {"name": "smollm2-135m"}}
+    assert model_or_base("base", pruned) == "smollm2-135m"
+    assert model_or_base("base", {"name": "gpt2"}) == "gpt2"
+    assert model_or_base("gemma3-270m", {"name": "x", "base_model": {"name": "y"}}) == "gemma3-270m"

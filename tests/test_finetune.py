@@ -18,7 +18,7 @@ import torch
 from checkpoints import pruned_base_pair
 from safetensors.torch import load_file
 from tiny_models import mean_token_nll, random_batch, save_tiny, tiny_model, tiny_tokenizer
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmprune.core.data import load_corpus
 from lmprune.core.errors import LmpruneError
@@ -26,6 +26,7 @@ from lmprune.core.masks import PruneMask
 from lmprune.core.models import load_model
 from lmprune.core.training import (
     BlockOrder,
+    distillation_loss,
     make_optimizer,
     make_scheduler,
     pack_blocks,
@@ -306,3 +307,61 @@ def test_training_leaves_the_held_out_general_documents_out(tmp_path):
     assert training_corpus(spec, 3, 2).texts == ["doc 0", "doc 1"]
     with pytest.raises(LmpruneError, match="leaves no document"):
         training_corpus(spec, 10, None)
+
+
+def test_distillation_loss_is_the_mean_kl_from_the_teacher():
+    logits, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)  # [batch, pos, vocab]
+    p, q = teacher.softmax(-1).double(), logits.softmax(-1).double()
+    want = (p * (p.log() - q.log())).sum(-1).mean()  # KL(teacher || model), mean over positions
+    assert distillation_loss(logits, teacher).item() == pytest.approx(want.item(), rel=1e-5)
+    assert distillation_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def _kl_to(teacher_dir, model_dir, batch) -> float:
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        return distillation_loss(model(batch).logits, teacher(batch).logits).item()
+
+
+def test_distillation_brings_the_pruned_model_towards_its_teacher(setup, tmp_path):
+    """--distill-from: training moves the pruned model's next-token distribution towards the
+    teacher's (the tiny base is near uniform, so the teacher is it trained on the corpus), more
+    than training on the teacher's own corpus does, with the pruned weights still exactly
+    zero."""
+    teacher = finetune(_config(setup, tmp_path / "teacher", model=str(setup / "base"),
+                               max_steps=12))
+    held_out = pack_blocks(tiny_tokenizer(), [f"line {i}: the quick brown fox" for i in range(9)],
+                           16)
+    distilled = finetune(_config(setup, tmp_path / "kd", distill_from=str(teacher)))
+    plain = finetune(_config(setup, tmp_path / "ce"))
+    start = _kl_to(teacher, setup / "pruned", held_out)
+    after = _kl_to(teacher, distilled, held_out)
+    assert after < 0.5 * start, (start, after)
+    assert after < _kl_to(teacher, plain, held_out)
+    _assert_held_and_trained(setup, distilled)
+
+
+def test_distillation_weight_zero_is_plain_fine_tuning(setup, tmp_path):
+    plain = finetune(_config(setup, tmp_path / "ce", max_steps=3))
+    blend = finetune(_config(setup, tmp_path / "w0", max_steps=3, distill_from="base",
+                             distill_weight=0.0))
+    want, got = load_file(plain / "model.safetensors"), load_file(blend / "model.safetensors")
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    # 'base': the unpruned model of the checkpoint's lineage
+    entry = json.loads((blend / "lmprune.json").read_text())["history"][-1]
+    assert entry["distill_from"] == "base" and entry["teacher"] == str(setup / "base")
+
+
+def test_a_teacher_with_another_vocabulary_is_refused_before_training(setup, tmp_path):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(setup / "base", teacher)
+    tok = AutoTokenizer.from_pretrained(teacher)
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(teacher)
+    out = tmp_path / "out"
+    with pytest.raises(LmpruneError, match="another vocabulary"):
+        finetune(_config(setup, out, distill_from=str(teacher)))
+    assert not (out / "checkpoints").exists()
+    with pytest.raises(LmpruneError, match="teacher .* cannot be loaded"):
+        finetune(_config(setup, out, distill_from=str(tmp_path / "missing")))

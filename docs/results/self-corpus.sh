@@ -3,7 +3,7 @@
 # of 600 RealToxicityPrompts non-toxic prompts (the 101st to the 700th: the default recipe's
 # transfer check reads the first 30), each kept only when profanity_check and minilm both rate it
 # below 0.5; then the base and the headline module pruning of runs/fair-200 (run
-# docs/results/fair-200.sh first) fine-tuned on it exactly as the comparison fine-tunes on
+# docs/results/fair.sh 200 first) fine-tuned on it exactly as the comparison fine-tunes on
 # WikiText-2, and evaluated on the comparison's protocol (the first 200 prompts x 10). One
 # thread (the CPU was shared).
 cd "$(dirname "$0")/../.."

@@ -308,9 +308,9 @@ def register_stage(subparsers, name: str, cls, run, help: str):
 
 @dataclasses.dataclass(frozen=True)
 class Need:
-    """Something a stage loads once reached: a toxicity scorer or a fluency judge model."""
+    """Something a stage loads once reached: a toxicity scorer, a fluency judge or a teacher."""
 
-    kind: str  # "scorer" or "judge"
+    kind: str  # "scorer", or a model's role ("judge", "teacher")
     name: str  # the scorer spec or model name
     device: str
     key: str  # the config field that names it

@@ -15,6 +15,7 @@ from lmprune.core.io import read_json
 LINEAGE_FILE = "lmprune.json"
 FORMAT = "lmprune.checkpoint"
 FORMAT_VERSION = 1
+BASE = "base"  # in a model option: the unpruned base model of the checkpoint, from its lineage
 
 
 def stamp() -> dict:
@@ -35,6 +36,15 @@ def read_lineage(folder: str | Path, required: bool = False) -> dict | None:
     if not isinstance(meta.get("pruned_neurons", {}), dict):
         raise LmpruneError(f"{path}: 'pruned_neurons' must map layer -> neuron indices")
     return meta
+
+
+def model_or_base(requested: str, identity: dict) -> str:
+    """The model spec `requested`, or for "base" the base model of the checkpoint whose identity
+    is `identity` (the `base_model` of its lineage), or that model itself when it has none."""
+    if requested != BASE:
+        return requested
+    base = identity.get("base_model") or identity
+    return base["name"]
 
 
 def command_line() -> str:

@@ -1,7 +1,8 @@
 """The training loop's parts that finetune, induce and relearn share: documents packed into
 blocks, a seeded block order that makes the data position the step count, AdamW and its
-schedule, one Accelerator per process, an optimizer step that holds a mask, and atomic
-resumable checkpoints (weights, optimizer, scheduler, per-process RNG)."""
+schedule, one Accelerator per process, an optimizer step that holds a mask (and can distil a
+teacher's next-token distribution), and atomic resumable checkpoints (weights, optimizer,
+scheduler, per-process RNG)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import contextlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmprune.core.errors import LmpruneError
@@ -208,10 +211,35 @@ def start_accelerator(device: str, seed: int, mixed_precision: str = "no"):
     return accelerator
 
 
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || model) of the next-token distributions, averaged over every position:
+    both [batch, pos, vocab]."""
+    log_q = F.log_softmax(logits.float().flatten(0, 1), dim=-1)  # [batch * pos, vocab]
+    log_p = F.log_softmax(teacher_logits.float().flatten(0, 1), dim=-1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+
+
+@dataclass
+class Distillation:
+    """A frozen teacher the model is trained towards: loss = weight x KL(teacher || model) +
+    (1 - weight) x the corpus's next-token cross-entropy."""
+
+    teacher: nn.Module
+    weight: float
+
+    def loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        out = model(input_ids=batch, labels=batch if self.weight < 1 else None, use_cache=False)
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=batch, use_cache=False).logits
+        kl = distillation_loss(out.logits, teacher_logits)
+        return kl if self.weight == 1 else self.weight * kl + (1 - self.weight) * out.loss
+
+
 def train_step(accelerator, model: nn.Module, optimizer, scheduler,
                micro_batches: list[torch.Tensor], mask: PruneMask | None,
-               max_grad_norm: float) -> float:
-    """One optimizer step over micro-batches [batch, seq_len]; returns the sum of their losses.
+               max_grad_norm: float, distill: Distillation | None = None) -> float:
+    """One optimizer step over micro-batches [batch, seq_len]; returns the sum of their losses
+    (the corpus's cross-entropy, or with `distill` its blend with the KL to the teacher).
 
     Masked gradients keep AdamW's moments of pruned weights at zero; re-zeroing after the step
     undoes whatever weight decay or stale momentum would still write into them.
@@ -222,7 +250,8 @@ def train_step(accelerator, model: nn.Module, optimizer, scheduler,
         last = k == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
         with sync, accelerator.autocast():
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss \
+                if distill is None else distill.loss(model, batch)
             accelerator.backward(loss / len(micro_batches))
         total += loss.item()
     if mask is not None:

@@ -244,10 +244,10 @@ def check_config(config: EvalConfig) -> list[Gate]:
 def _load_judge(config: EvalConfig, loaded):
     """The fluency judge: the evaluated model itself when it is its own base, else loaded on the
     same device and dtype (a judge that cannot load fails here, before any sampling)."""
+    from lmprune.core.lineage import BASE, model_or_base
     from lmprune.core.models import load_model
-    from lmprune.evaluate.fluency import BASE_JUDGE, judge_name
 
-    name = judge_name(config.fluency_judge, loaded.identity)
+    name = model_or_base(config.fluency_judge, loaded.identity)
     if name == config.model:
         return loaded
     dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
@@ -255,7 +255,7 @@ def _load_judge(config: EvalConfig, loaded):
         return load_model(name, dtype, str(next(loaded.model.parameters()).device))
     except LmpruneError as err:
         where = ("the base model recorded in the checkpoint's lineage"
-                 if config.fluency_judge == BASE_JUDGE else "--fluency-judge")
+                 if config.fluency_judge == BASE else "--fluency-judge")
         raise LmpruneError(f"fluency judge '{name}' ({where}) cannot be loaded: {err}; pass "
                            f"--fluency-judge MODEL or --fluency-judge none") from err
 

@@ -26,18 +26,8 @@ from tqdm.auto import tqdm
 
 from lmprune.core.config import Need
 from lmprune.core.errors import LmpruneError
+from lmprune.core.lineage import BASE
 from lmprune.evaluate.generate import PromptBatch, cache_keyword, encode_prompts, prefill
-
-BASE_JUDGE = "base"  # the unpruned base model of the evaluated checkpoint (from its lineage)
-
-
-def judge_name(requested: str, identity: dict) -> str:
-    """The model spec of the judge: `requested`, or for "base" the evaluated model's base model
-    (recorded in its `lmprune.json` lineage), or the evaluated model itself when it has none."""
-    if requested != BASE_JUDGE:
-        return requested
-    base = identity.get("base_model") or identity
-    return base["name"]
 
 
 def encode_continuations(tokenizer, prompt_ids: list[int], prompt: str,
@@ -174,6 +164,6 @@ def measurement_needs(scorer: str, extra_scorers: list[str], judge: str,
     checkpoint's own base."""
     found = [Need("scorer", spec, device, "scorer" if spec == scorer else "extra_scorers")
              for spec in [scorer, *extra_scorers]]
-    if judge.lower() not in ("none", BASE_JUDGE):
+    if judge.lower() not in ("none", BASE):
         found.append(Need("judge", judge, device, "fluency_judge"))
     return found

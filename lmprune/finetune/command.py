@@ -32,13 +32,21 @@ from lmprune.core.config import (
 from lmprune.core.data import Corpus, load_corpus
 from lmprune.core.errors import ConfigError, LmpruneError, warn
 from lmprune.core.io import check_out_dir, read_json, save_figure_atomic, write_json_atomic
-from lmprune.core.lineage import LINEAGE_FILE, command_line, read_lineage, stamp, utc_now
+from lmprune.core.lineage import (
+    LINEAGE_FILE,
+    command_line,
+    model_or_base,
+    read_lineage,
+    stamp,
+    utc_now,
+)
 from lmprune.core.lock import folder_lock
 from lmprune.core.masks import PruneMask
 from lmprune.core.specs import ModelSpec, PerplexityProtocol, ToxicityProtocol, TrainingSpec
 from lmprune.core.training import (
     BlockOrder,
     CheckpointStore,
+    Distillation,
     fresh_unless_resumed,
     make_optimizer,
     make_scheduler,
@@ -89,6 +97,15 @@ class FinetuneConfig(PerplexityProtocol, CurveToxicity, TrainingSpec, ModelSpec)
     mixed_precision: str = option("no", "Autocast precision.", choices=["no", "bf16", "fp16"])
     eval_every: int = option(0, "Measure toxicity and perplexity every N steps (0: never).",
                              fingerprint=False)
+    distill_from: str | None = option(
+        None, "Train towards a teacher's next-token distribution on --data (KL(teacher || "
+              "model) per token) instead of the corpus's own tokens: 'base' for the "
+              "checkpoint's unpruned base model (from its lineage; for an unpruned model, "
+              "itself), or any model with the same vocabulary. Repairs what pruning broke "
+              "without learning the corpus's style.", fingerprint=False)
+    distill_weight: float = option(1.0, "With --distill-from: the KL's share of the loss, the "
+                                   "rest the corpus's cross-entropy.", min=0.0, max=1.0,
+                                   fingerprint=False)
     base_model: str | None = option(None, "Unpruned model measured once for the curve's "
                                     "reference line (default: the checkpoint's base model; "
                                     "'none' to skip).", fingerprint=False)
@@ -168,9 +185,12 @@ def _fingerprint(config: FinetuneConfig, identity: dict, corpus_sha: str, num_bl
     weights (a folder re-pruned at the same path is another model), settings and data."""
     model = identity.get("weights_sha256") or identity.get("revision") or identity.get("name")
     released = {} if hold_masks else {"masks": "released"}
+    # only when distilling: checkpoints of runs that predate it still resume
+    distilled = {"distill_from": teacher_name(config), "distill_weight": config.distill_weight} \
+        if config.distill_from else {}
     return {**fingerprint_values(config), "model": model, "data_sha256": corpus_sha,
             "num_blocks": num_blocks, "total_steps": total_steps, "num_processes": num_processes,
-            **released}
+            **released, **distilled}
 
 
 def check_finetune_config(config: FinetuneConfig) -> None:
@@ -229,6 +249,7 @@ def _train(config: FinetuneConfig, evaluate: Evaluator | None, accelerator,
     held = mask if hold_masks else None
     if not hold_masks:
         mask.reinitialize(model, config.seed)
+    distill = _distillation(config, loaded, accelerator.device)
 
     if corpus is None:
         corpus = training_corpus(config.data, config.holdout_last, config.max_docs)
@@ -266,7 +287,7 @@ def _train(config: FinetuneConfig, evaluate: Evaluator | None, accelerator,
                               * config.batch_size, config.batch_size)].to(accelerator.device)
             for micro in range(config.grad_accum)]
         loss_sum += train_step(accelerator, model, optimizer, scheduler, micro_batches,
-                               held, config.max_grad_norm)
+                               held, config.max_grad_norm, distill)
         loss_count += config.grad_accum
         step += 1
         bar.update(1)
@@ -299,6 +320,35 @@ def _train(config: FinetuneConfig, evaluate: Evaluator | None, accelerator,
             plot_curve(curve, Path(config.out) / PLOT_FILE)
     accelerator.wait_for_everyone()
     return Path(config.out)
+
+
+def teacher_name(config: FinetuneConfig) -> str | None:
+    """The model spec --distill-from names ('base' resolved through the input's lineage)."""
+    if not config.distill_from:
+        return None
+    lineage = read_lineage(config.model) if Path(config.model).is_dir() else None
+    return model_or_base(config.distill_from,
+                         {"name": config.model, "base_model": (lineage or {}).get("base_model")})
+
+
+def _distillation(config: FinetuneConfig, student, device) -> Distillation | None:
+    """The frozen teacher of --distill-from, checked to share the student's vocabulary."""
+    from lmprune.core.models import load_model
+
+    name = teacher_name(config)
+    if name is None:
+        return None
+    try:
+        teacher = load_model(name, dtype=config.dtype, device=str(device))
+    except LmpruneError as err:
+        raise LmpruneError(f"--distill-from: teacher '{name}' cannot be loaded: {err}") from err
+    sizes = [m.model.get_output_embeddings().weight.shape[0] for m in (teacher, student)]
+    if sizes[0] != sizes[1] or teacher.tokenizer.get_vocab() != student.tokenizer.get_vocab():
+        raise LmpruneError(f"--distill-from: teacher '{name}' has another vocabulary than "
+                           f"{config.model} ({sizes[0]} vs {sizes[1]} logits): distillation "
+                           f"compares next-token distributions token by token")
+    teacher.model.eval().requires_grad_(False)
+    return Distillation(teacher.model, config.distill_weight)
 
 
 def _measure_base(config: FinetuneConfig, meta: dict | None, evaluate: Evaluator,
@@ -341,6 +391,9 @@ def _final_meta(config: FinetuneConfig, meta: dict | None, identity: dict, corpu
         "data": {**corpus.describe(), "tokens": int(blocks.numel())},
         **{k: v for k, v in asdict(config).items() if k in fingerprint_fields(config)},
         **({} if hold_masks else {"masks": "released"}),
+        **({"distill_from": config.distill_from, "teacher": teacher,
+            "distill_weight": config.distill_weight}
+           if (teacher := teacher_name(config)) else {}),
         "num_processes": nproc, "resumed_from": resumed_from, "time": utc_now(),
         "seconds": round(seconds, 1)}]
     return out
@@ -405,8 +458,12 @@ def needs(config: FinetuneConfig) -> list[Need]:
     from lmprune.evaluate.fluency import measurement_needs
 
     check_finetune_config(config)  # the curve scores with one scorer and no judge
-    return measurement_needs(config.scorer, [], "none", config.device) \
+    found = measurement_needs(config.scorer, [], "none", config.device) \
         if config.eval_every > 0 else []
+    teacher = teacher_name(config)
+    if teacher and Path(teacher).resolve() != Path(config.model).resolve():
+        found.append(Need("teacher", teacher, config.device, "distill_from"))
+    return found
 
 
 STAGE = StageSpec(
