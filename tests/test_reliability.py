@@ -192,6 +192,8 @@ CASES = [
     ("eval-limit-zero", lambda w: EVAL + ["--limit", "0"], 2, "--limit must be at least 1"),
     ("finetune-batch-zero", lambda w: _swap(FINETUNE, "--batch-size", "0"), 2,
      "--batch-size must be at least 1"),
+    ("teacher-missing", lambda w: FINETUNE + ["--distill-from", "nope"], 2,
+     "--distill-from: teacher 'nope' cannot be loaded"),
     ("gate-on-skipped-part", lambda w: EVAL + ["--fail-above", "toxicity.mean_toxicity=0.5"], 2,
      "toxicity.mean_toxicity is not in the result (toxicity is skipped)"),
     # output paths
