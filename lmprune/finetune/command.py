@@ -101,8 +101,8 @@ class FinetuneConfig(PerplexityProtocol, CurveToxicity, TrainingSpec, ModelSpec)
         None, "Train towards a teacher's next-token distribution on --data (KL(teacher || "
               "model) per token) instead of the corpus's own tokens: 'base' for the "
               "checkpoint's unpruned base model (from its lineage; for an unpruned model, "
-              "itself), or any model with the same vocabulary. Repairs what pruning broke "
-              "without learning the corpus's style.", fingerprint=False)
+              "itself), or any model with the same vocabulary. The model learns what the "
+              "teacher would write next, not the corpus's tokens and style.", fingerprint=False)
     distill_weight: float = option(1.0, "With --distill-from: the KL's share of the loss, the "
                                    "rest the corpus's cross-entropy.", min=0.0, max=1.0,
                                    fingerprint=False)
