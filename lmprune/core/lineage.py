@@ -47,6 +47,13 @@ def model_or_base(requested: str, identity: dict) -> str:
     return base["name"]
 
 
+def model_or_base_of(requested: str, model: str) -> str:
+    """`model_or_base` for a model given by its spec: "base" is the `base_model` of the lineage
+    when `model` is a checkpoint folder, else `model` itself."""
+    base = (read_lineage(model) or {}).get("base_model")
+    return model_or_base(requested, {"name": model, "base_model": base})
+
+
 def command_line() -> str:
     """The command that made a checkpoint, for its lineage."""
     return shlex.join(["lmprune", *sys.argv[1:]])

@@ -35,7 +35,7 @@ from lmprune.core.io import check_out_dir, read_json, save_figure_atomic, write_
 from lmprune.core.lineage import (
     LINEAGE_FILE,
     command_line,
-    model_or_base,
+    model_or_base_of,
     read_lineage,
     stamp,
     utc_now,
@@ -324,11 +324,7 @@ def _train(config: FinetuneConfig, evaluate: Evaluator | None, accelerator,
 
 def teacher_name(config: FinetuneConfig) -> str | None:
     """The model spec --distill-from names ('base' resolved through the input's lineage)."""
-    if not config.distill_from:
-        return None
-    lineage = read_lineage(config.model) if Path(config.model).is_dir() else None
-    return model_or_base(config.distill_from,
-                         {"name": config.model, "base_model": (lineage or {}).get("base_model")})
+    return model_or_base_of(config.distill_from, config.model) if config.distill_from else None
 
 
 def _distillation(config: FinetuneConfig, student, device) -> Distillation | None:

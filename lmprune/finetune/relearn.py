@@ -23,7 +23,7 @@ from lmprune.core.config import Need, StageSpec, option, redeclare
 from lmprune.core.data import Corpus
 from lmprune.core.errors import ConfigError, LmpruneError
 from lmprune.core.io import save_figure_atomic
-from lmprune.core.lineage import model_or_base, read_lineage
+from lmprune.core.lineage import model_or_base_of
 from lmprune.core.training import fresh_unless_resumed
 from lmprune.finetune.command import (
     FinetuneConfig,
@@ -94,9 +94,7 @@ def judge_model(config: RelearnConfig):
 
     if config.fluency_judge == "none":
         return None
-    lineage = read_lineage(config.model) or {}
-    name = model_or_base(config.fluency_judge,
-                         {"name": config.model, "base_model": lineage.get("base_model")})
+    name = model_or_base_of(config.fluency_judge, config.model)
     try:
         return load_model(name, dtype=config.dtype, device=config.device)
     except LmpruneError as err:
